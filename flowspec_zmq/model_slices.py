@@ -1,0 +1,213 @@
+"""Slices of a Hugging Face causal LM: a window of decoder layers, and the head's embedding + lm_head.
+
+A stage materialises only its own layers, reading just their tensors from the safetensors files, so
+its memory follows its slice. The layers are the model's own HF modules; only the KV cache
+(TreeKVCache) and the attention masks (built from tree parents) are ours.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from functools import cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .kv_cache import LayerShape, TreeKVCache
+
+transformers.logging.set_verbosity_error()  # the partial loads below are intentional
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(model_dir)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@cache
+def _tensor_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def read_tensors(model_dir: Path, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with `prefix`, with the prefix stripped."""
+    tensors: dict[str, torch.Tensor] = {}
+    files = _tensor_files(model_dir)
+    for file in sorted({f for name, f in files.items() if name.startswith(prefix)}):
+        with safe_open(file, "pt") as f:
+            for name in f.keys():
+                if name.startswith(prefix):
+                    tensors[name[len(prefix) :]] = f.get_tensor(name).to(dtype)
+    return tensors
+
+
+def _layer_types(config: PretrainedConfig) -> list[str]:
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+
+
+class LayerWindow(nn.Module):
+    """Decoder layers [first, last) of a model, run over tree segments with a TreeKVCache."""
+
+    def __init__(self, config: PretrainedConfig, layers: Sequence[nn.Module], first: int, rotary: nn.Module):
+        super().__init__()
+        self.config = config
+        self.first = first
+        self.layers = nn.ModuleList(layers)
+        self.rotary = rotary
+        self.layer_types = _layer_types(config)[first : first + len(layers)]
+        self.sliding_window: int | None = getattr(config, "sliding_window", None)
+        # Gemma-3 keeps one rotary table per attention type; Llama/Qwen have a single one.
+        self.rotary_per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.dtype = next(self.layers.parameters()).dtype if len(self.layers) else torch.float32
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.layers)
+
+    def new_cache(self) -> TreeKVCache:
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        shape = LayerShape(self.config.num_key_value_heads, head_dim)
+        return TreeKVCache(self.first, [shape] * len(self.layers), self.dtype)
+
+    def _masks(
+        self,
+        cache: TreeKVCache,
+        commit: bool,
+        node_ids: Sequence[int],
+        parents: Sequence[int],
+        positions: torch.Tensor,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        n = len(node_ids)
+        prefix = torch.ones(n, cache.committed, dtype=torch.bool)
+        if commit:
+            tree_rows = None
+            own = torch.ones(n, n, dtype=torch.bool).tril()
+            key_positions = torch.cat([torch.arange(cache.committed), positions])
+        else:
+            tree_rows = cache.tree_rows_for(node_ids, parents)
+            own = tree_rows
+            key_positions = torch.cat(
+                [torch.arange(cache.committed), torch.tensor(cache.node_positions, dtype=torch.long), positions]
+            )
+        full = torch.cat([prefix, own], dim=1)
+        masks = {"full_attention": full[None, None]}
+        if "sliding_attention" in self.layer_types:
+            within = (positions[:, None] - key_positions[None, :]) < self.sliding_window
+            masks["sliding_attention"] = (full & within)[None, None]
+        return masks, tree_rows
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: TreeKVCache,
+        commit: bool,
+        node_ids: Sequence[int],
+        parents: Sequence[int],
+        positions: Sequence[int],
+    ) -> torch.Tensor:
+        """Run rows [n, d] through the window; their K/V join the cache (committed or as tree rows)."""
+        position_tensor = torch.tensor(positions, dtype=torch.long)
+        masks, tree_rows = self._masks(cache, commit, node_ids, parents, position_tensor)
+        cache.reserve(len(node_ids))
+        x = hidden.to(self.dtype)[None]
+        position_ids = position_tensor[None]
+        if self.rotary_per_type:
+            rotations = {t: self.rotary(x, position_ids, t) for t in set(self.layer_types)}
+        else:
+            shared = self.rotary(x, position_ids)
+            rotations = {t: shared for t in set(self.layer_types)}
+        for layer, layer_type in zip(self.layers, self.layer_types):
+            x = layer(
+                x,
+                attention_mask=masks[layer_type],
+                position_embeddings=rotations[layer_type],
+                position_ids=position_ids,
+                past_key_values=cache,
+            )
+        if commit:
+            cache.append_committed(len(node_ids))
+        else:
+            cache.add_tree_rows(node_ids, positions, tree_rows)
+        return x[0]
+
+
+def _skeleton(config: PretrainedConfig) -> nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_layer_window(model_dir: Path, first: int, last: int, dtype: torch.dtype) -> LayerWindow:
+    """Materialise decoder layers [first, last) from the safetensors files, nothing else."""
+    config = load_config(model_dir)
+    if not 0 <= first < last <= config.num_hidden_layers:
+        raise ValueError(f"layer window [{first}, {last}) is outside the model's {config.num_hidden_layers} layers")
+    skeleton = _skeleton(config)
+    layers = []
+    for i in range(first, last):
+        layer = skeleton.model.layers[i]
+        weights = read_tensors(model_dir, f"model.layers.{i}.", dtype)
+        layer.load_state_dict(weights, strict=True, assign=True)
+        layers.append(layer.eval())
+    rotary = type(skeleton.model.rotary_emb)(config=config)  # built on the CPU: its tables are buffers
+    window = LayerWindow(config, layers, first, rotary)
+    leftovers = [name for name, t in window.named_buffers() if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"layer window left tensors unloaded: {leftovers}")
+    return window
+
+
+class HeadModel(nn.Module):
+    """What the head keeps of the target: token embedding, final norm, lm_head."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
+
+    @torch.inference_mode()
+    def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
+        return self.embed_tokens(torch.tensor([list(token_ids)], dtype=torch.long))[0]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [n, d] -> float32 logits [n, vocab]."""
+        logits = self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype))).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def load_head_model(model_dir: Path, dtype: torch.dtype) -> HeadModel:
+    # Zero decoder layers: transformers loads embedding, norm and (tied) lm_head and skips the rest.
+    config = load_config(model_dir)
+    config.num_hidden_layers = 0
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = []
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    return HeadModel(model.eval())
+
+
+def load_full_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    config = load_config(model_dir)
+    return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).eval()
+
+
+def whole_model_window(model: nn.Module) -> LayerWindow:
+    """All decoder layers of an already loaded model (the draft model runs this way)."""
+    return LayerWindow(model.config, list(model.model.layers), 0, model.model.rotary_emb)

@@ -1,0 +1,228 @@
+"""Wire protocol: typed, versioned messages as a msgpack header plus raw tensor frames.
+
+A message on the wire is a multipart ZMQ message: frame 0 is the msgpack header, every further frame
+is the raw bytes of one tensor described in the header's "tensors" list. Nothing is pickled; decoding
+validates every field so a malformed frame raises ProtocolError instead of reaching the model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import msgpack
+import torch
+
+SCHEMA_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 256 << 20
+MAX_ROWS = 1 << 16
+MAX_TEXT = 1 << 20
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class ProtocolError(ValueError):
+    """A frame that does not decode into a valid message."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows of hidden states travelling the ring for one request.
+
+    `commit` rows (prefill) go straight into every stage's committed KV prefix. Other rows are
+    tree nodes: each attends to the committed prefix, its ancestors among the stage's live tree rows
+    (found through `parents`, -1 meaning "hangs off the committed prefix") and itself.
+    """
+
+    kind: ClassVar[str] = "segment"
+    request_id: int
+    seq: int
+    commit: bool
+    node_ids: tuple[int, ...]
+    parents: tuple[int, ...]
+    positions: tuple[int, ...]
+    hidden: torch.Tensor = field(repr=False)
+
+    def __post_init__(self) -> None:
+        rows = len(self.node_ids)
+        if not (len(self.parents) == len(self.positions) == rows == self.hidden.shape[0]):
+            raise ProtocolError(
+                f"segment rows disagree: {rows} node ids, {len(self.parents)} parents, "
+                f"{len(self.positions)} positions, {self.hidden.shape[0]} hidden rows"
+            )
+
+    def select(self, keep: Sequence[int]) -> Segment:
+        """The same segment restricted to the row indices in `keep`."""
+        index = torch.tensor(list(keep), dtype=torch.long)
+        return Segment(
+            self.request_id,
+            self.seq,
+            self.commit,
+            tuple(self.node_ids[i] for i in keep),
+            tuple(self.parents[i] for i in keep),
+            tuple(self.positions[i] for i in keep),
+            self.hidden.index_select(0, index),
+        )
+
+    def with_hidden(self, hidden: torch.Tensor) -> Segment:
+        return Segment(self.request_id, self.seq, self.commit, self.node_ids, self.parents, self.positions, hidden)
+
+
+@dataclass(frozen=True)
+class Prune:
+    """Verification outcome: `accepted` node rows join the committed prefix (in this order), the
+    tree rows in `survivors` stay, every other tree row of the request is dropped."""
+
+    kind: ClassVar[str] = "prune"
+    request_id: int
+    version: int
+    accepted: tuple[int, ...]
+    survivors: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Release:
+    """The request is over: free its KV cache on every stage."""
+
+    kind: ClassVar[str] = "release"
+    request_id: int
+
+
+@dataclass(frozen=True)
+class StageError:
+    """A stage could not process a request's message; travels the ring to the head."""
+
+    kind: ClassVar[str] = "error"
+    request_id: int
+    node: str
+    reason: str
+
+
+Message = Segment | Prune | Release | StageError
+
+
+def _ints(header: dict[str, Any], key: str, *, limit: int = MAX_ROWS) -> tuple[int, ...]:
+    value = header.get(key)
+    if not isinstance(value, list) or len(value) > limit or not all(type(v) is int for v in value):
+        raise ProtocolError(f"field {key!r} must be a list of at most {limit} integers")
+    return tuple(value)
+
+
+def _int(header: dict[str, Any], key: str) -> int:
+    value = header.get(key)
+    if type(value) is not int or value < 0 or value >= 1 << 62:
+        raise ProtocolError(f"field {key!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _str(header: dict[str, Any], key: str) -> str:
+    value = header.get(key)
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ProtocolError(f"field {key!r} must be a string")
+    return value
+
+
+def _tensor_to_frame(tensor: torch.Tensor) -> memoryview:
+    # Viewing as bytes shares the tensor's memory, so zmq sends it without a copy.
+    return tensor.contiguous().view(torch.uint8).numpy().data
+
+
+def _frame_to_tensor(frame: memoryview | bytes, dtype_name: Any, shape: Any) -> torch.Tensor:
+    if dtype_name not in DTYPES:
+        raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
+    if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d >= 0 for d in shape):
+        raise ProtocolError(f"tensor shape must be two non-negative integers, got {shape!r}")
+    dtype = DTYPES[dtype_name]
+    expected = math.prod(shape) * dtype.itemsize
+    buffer = memoryview(frame)
+    if buffer.nbytes != expected:
+        raise ProtocolError(f"tensor frame has {buffer.nbytes} bytes, header promises {expected}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # The frame is read-only; the model only reads its input, so sharing it is safe.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    """Message -> multipart frames (header first)."""
+    header: dict[str, Any] = {"v": SCHEMA_VERSION, "kind": message.kind, "req": message.request_id}
+    frames: list[bytes | memoryview] = []
+    match message:
+        case Segment():
+            hidden = message.hidden
+            header.update(
+                seq=message.seq,
+                commit=message.commit,
+                ids=list(message.node_ids),
+                parents=list(message.parents),
+                pos=list(message.positions),
+                tensors=[[DTYPE_NAMES[hidden.dtype], list(hidden.shape)]],
+            )
+            frames.append(_tensor_to_frame(hidden))
+        case Prune():
+            header.update(version=message.version, accepted=list(message.accepted), survivors=list(message.survivors))
+        case Release():
+            pass
+        case StageError():
+            header.update(node=message.node, reason=message.reason)
+    return [msgpack.packb(header), *frames]
+
+
+def decode(frames: Sequence[bytes | memoryview | Any]) -> Message:
+    """Multipart frames -> Message, or ProtocolError saying what is wrong."""
+    if not frames:
+        raise ProtocolError("empty message")
+    buffers = [memoryview(getattr(f, "buffer", f)) for f in frames]
+    total = sum(b.nbytes for b in buffers)
+    if total > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {total} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    if buffers[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {buffers[0].nbytes} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = msgpack.unpackb(buffers[0], strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    if header.get("v") != SCHEMA_VERSION:
+        raise ProtocolError(f"schema version {header.get('v')!r} is not {SCHEMA_VERSION}")
+    kind = header.get("kind")
+    request_id = _int(header, "req")
+    tensor_specs = header.get("tensors", [])
+    if not isinstance(tensor_specs, list) or len(tensor_specs) != len(buffers) - 1:
+        raise ProtocolError(f"header describes {tensor_specs!r} tensors but {len(buffers) - 1} frames follow")
+    if kind == "segment":
+        if type(header.get("commit")) is not bool or len(tensor_specs) != 1:
+            raise ProtocolError("segment needs a boolean 'commit' and exactly one tensor")
+        spec = tensor_specs[0]
+        if not isinstance(spec, list) or len(spec) != 2:
+            raise ProtocolError("tensor spec must be [dtype, shape]")
+        hidden = _frame_to_tensor(buffers[1], spec[0], spec[1])
+        return Segment(
+            request_id,
+            _int(header, "seq"),
+            header["commit"],
+            _ints(header, "ids"),
+            _ints(header, "parents"),
+            _ints(header, "pos"),
+            hidden,
+        )
+    if tensor_specs:
+        raise ProtocolError(f"a {kind!r} message carries no tensors")
+    if kind == "prune":
+        return Prune(request_id, _int(header, "version"), _ints(header, "accepted"), _ints(header, "survivors"))
+    if kind == "release":
+        return Release(request_id)
+    if kind == "error":
+        return StageError(request_id, _str(header, "node"), _str(header, "reason"))
+    raise ProtocolError(f"unknown message kind {kind!r}")
