@@ -1,0 +1,189 @@
+"""`flowspec` command line: prepare models, launch nodes, generate, chat, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .client import DEFAULT_ADDRESS, Client, GenerationFailed
+from .topology import default_topology_path, load_topology
+
+OPTION_FLAGS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "draft", "segment_size",
+                "tree_depth", "tree_top_k", "tree_total_tokens")
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help=f"the head's client address (default: from the topology, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--topology", type=Path, default=None, help="topology file (default: the repo's topology.toml)")
+    parser.add_argument("--mode", choices=["ar", "tree", "specpipe", "flowspec"])
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--draft", choices=["int8", "bf16", "ngram"])
+    parser.add_argument("--segment-size", type=int)
+    parser.add_argument("--tree-depth", type=int)
+    parser.add_argument("--tree-top-k", type=int)
+    parser.add_argument("--tree-total-tokens", type=int)
+    parser.add_argument("--stats", action="store_true", help="print the generation's statistics afterwards")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
+
+
+def _address(args: argparse.Namespace) -> str:
+    if args.address:
+        return args.address
+    head = load_topology(args.topology or default_topology_path()).head
+    return f"tcp://{head.host}:{head.client_port}"
+
+
+async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **prompt: Any) -> str:
+    text = ""
+    stats: dict[str, Any] = {}
+    async for event in client.events(**prompt, **options):
+        if event["event"] == "tokens":
+            print(event["text"], end="", flush=True)
+            text += event["text"]
+        elif event["event"] == "done":
+            stats = event["stats"]
+    print()
+    if show_stats:
+        summary = {k: v for k, v in stats.items() if k != "token_times"}
+        print(json.dumps(summary, indent=2), file=sys.stderr)
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    client = Client(_address(args))
+    try:
+        asyncio.run(_stream(client, _options(args), args.stats, prompt=args.prompt))
+    except GenerationFailed as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    client = Client(_address(args))
+    messages: list[dict[str, str]] = []
+    print("Chat with the model; an empty line or Ctrl-D ends it.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        try:
+            reply = asyncio.run(_stream(client, _options(args), args.stats, messages=messages))
+        except GenerationFailed as exc:
+            print(f"\nerror: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import LocalCluster, NodeDied
+
+    cluster = LocalCluster(args.topology or default_topology_path(), names=args.nodes or None)
+    print(f"starting {', '.join(cluster.names)} (logs in {cluster.log_dir})", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    cluster.start()
+    try:
+        started = time.monotonic()
+        cluster.wait_ready(on_ready=lambda name: print(f"  {name} ready after {time.monotonic() - started:.1f} s", flush=True))
+        print("all nodes ready; Ctrl-C stops them", flush=True)
+        while True:
+            cluster.check()
+            time.sleep(0.5)
+    except NodeDied as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Launch the local topology, stream one generation, stop everything."""
+    from .launch import LocalCluster
+
+    topology_path = args.topology or default_topology_path()
+    cluster = LocalCluster(topology_path)
+    print(f"starting {len(cluster.names)} nodes (logs in {cluster.log_dir}) ...", flush=True)
+    with cluster:
+        print(f"prompt: {args.prompt}", flush=True)
+        head = cluster.topology.head
+        args.address = args.address or f"tcp://{head.host}:{head.client_port}"
+        return cmd_generate(args)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from nodes.__main__ import run_node
+
+    try:
+        run_node(args.topology or default_topology_path(), args.name)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from tools.prepare_models import main as prepare_main
+
+    return prepare_main(args.models)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flowspec", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="install and convert model weights for offline use")
+    prepare.add_argument("models", nargs="*", help="model names (default: the demo and test models)")
+    prepare.set_defaults(run=cmd_prepare)
+
+    launch = commands.add_parser("launch", help="start every node of the topology that lives on this machine")
+    launch.add_argument("topology", nargs="?", type=Path)
+    launch.add_argument("--nodes", nargs="*", help="only these nodes")
+    launch.set_defaults(run=cmd_launch)
+
+    node = commands.add_parser("node", help="run one node (one command per host)")
+    node.add_argument("name")
+    node.add_argument("--topology", type=Path)
+    node.set_defaults(run=cmd_node)
+
+    generate = commands.add_parser("generate", help="stream a completion from a running head")
+    generate.add_argument("prompt")
+    _add_options(generate)
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="multi-turn chat with a running head")
+    _add_options(chat)
+    chat.set_defaults(run=cmd_chat)
+
+    demo = commands.add_parser("demo", help="launch the local topology, generate once, stop")
+    demo.add_argument("prompt", nargs="?", default="The three most useful things to know about pipelines are")
+    _add_options(demo)
+    demo.set_defaults(run=cmd_demo)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The head node: tokenizer, embedding + lm_head, draft sources, the scheduler and the client endpoint.
+
+Clients talk to a ROUTER socket; requests are served one at a time in arrival order (the stages
+hold one request's tree at a time), each streamed back as it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+from transformers import AutoTokenizer, GenerationConfig
+
+from .client_protocol import ClientRequestError, GenerateOptions, pack, unpack
+from .draft import DraftSource, NoDraft, TreeShape, make_draft_source
+from .model_slices import HeadModel
+from .protocol import Message
+from .sampling import SamplingParams
+from .scheduler import GenerationError, GenerationRequest, GenerationStats, Scheduler
+from .strategies import make_strategy
+from .transport import RingLink
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The client asked to stop its request."""
+
+
+def eos_ids(model_dir: Path, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    try:
+        configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's EOS is all we have
+        configured = None
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return frozenset(ids)
+
+
+def prompt_ids(tokenizer, request: dict[str, Any]) -> list[int]:
+    """Token ids for a request's `prompt_ids`, `messages` (chat template) or `prompt` (raw text)."""
+    if "prompt_ids" in request:
+        ids = request["prompt_ids"]
+        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < len(tokenizer) for i in ids):
+            raise ClientRequestError("prompt_ids must be a list of valid token ids")
+        return ids
+    if "messages" in request:
+        messages = request["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ClientRequestError("messages must be a list of {role, content} strings")
+        if tokenizer.chat_template:
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        # A base model has no template: a plain transcript works well enough for a demo chat.
+        transcript = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        return tokenizer(transcript)["input_ids"]
+    prompt = request.get("prompt")
+    if not isinstance(prompt, str):
+        raise ClientRequestError("a generate request needs 'prompt', 'messages' or 'prompt_ids'")
+    return tokenizer(prompt)["input_ids"]
+
+
+class TextStream:
+    """Turns growing token lists into text deltas, holding back half-decoded characters."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
+@dataclass
+class ClientJob:
+    identity: bytes
+    request_id: int
+    message: dict[str, Any]
+
+
+class HeadNode:
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        head: HeadModel,
+        tokenizer,
+        link: RingLink,
+        client_address: str,
+        context: zmq.asyncio.Context,
+        num_stages: int,
+        defaults: GenerateOptions,
+        max_context: int,
+        prefill_chunk: int,
+    ) -> None:
+        self.name = name
+        self.model_dir = model_dir
+        self.head = head
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids(model_dir, tokenizer)
+        self.link = link
+        self.clients = context.socket(zmq.ROUTER)
+        self.clients.setsockopt(zmq.LINGER, 0)
+        self.clients.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        self.clients.bind(client_address)
+        self.num_stages = num_stages
+        self.defaults = defaults
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.drafts: dict[str, DraftSource] = {}
+        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-compute")
+        self.returns: asyncio.Queue[Message] = asyncio.Queue()
+        self.jobs: deque[ClientJob] = deque()
+        self.job_ready = asyncio.Event()
+        self.cancelled: set[tuple[bytes, int]] = set()
+        self.request_ids = itertools.count(int(time.time() * 1000) % (1 << 40))
+
+    async def run(self) -> None:
+        await asyncio.gather(self._ring_receive(), self._client_receive(), self._serve())
+
+    async def _ring_receive(self) -> None:
+        while True:
+            await self.returns.put(await self.link.receive())
+
+    async def _reply(self, identity: bytes, message: dict[str, Any]) -> None:
+        await self.clients.send_multipart([identity, pack(message)])
+
+    async def _client_receive(self) -> None:
+        while True:
+            frames = await self.clients.recv_multipart()
+            identity, payload = frames[0], frames[-1]
+            try:
+                message = unpack(payload)
+            except ClientRequestError as exc:
+                log.warning("%s: bad client message: %s", self.name, exc)
+                await self._reply(identity, {"id": -1, "event": "error", "message": str(exc), "ids": []})
+                continue
+            match message["op"]:
+                case "generate":
+                    self.jobs.append(ClientJob(identity, message["id"], message))
+                    self.job_ready.set()
+                case "cancel":
+                    self.cancelled.add((identity, message["id"]))
+                case "info":
+                    await self._reply(identity, {"id": message["id"], "event": "info", **self.info()})
+                case op:
+                    await self._reply(identity, {"id": message["id"], "event": "error", "message": f"unknown op {op!r}", "ids": []})
+
+    def info(self) -> dict[str, Any]:
+        return {"model": str(self.model_dir), "stages": self.num_stages, "max_context": self.max_context,
+                "defaults": asdict(self.defaults)}
+
+    async def _serve(self) -> None:
+        while True:
+            while not self.jobs:
+                self.job_ready.clear()
+                await self.job_ready.wait()
+            job = self.jobs.popleft()
+            if (job.identity, job.request_id) in self.cancelled:
+                self.cancelled.discard((job.identity, job.request_id))
+                continue
+            await self._serve_one(job)
+
+    def draft_source(self, kind: str) -> DraftSource:
+        if kind not in self.drafts:
+            log.info("%s: loading the %s draft", self.name, kind)
+            self.drafts[kind] = make_draft_source(kind, self.model_dir)
+        return self.drafts[kind]
+
+    async def _serve_one(self, job: ClientJob) -> None:
+        stream = TextStream(self.tokenizer)
+        key = (job.identity, job.request_id)
+
+        async def on_tokens(ids: list[int]) -> None:
+            if key in self.cancelled:
+                raise Cancelled()
+            await self._reply(job.identity, {"id": job.request_id, "event": "tokens", "ids": ids, "text": stream.push(ids)})
+
+        try:
+            options = self.defaults.updated(job.message.get("options") or {})
+            ids = prompt_ids(self.tokenizer, job.message)
+            stats = await self.generate(ids, options, on_tokens)
+            await self._reply(job.identity, {"id": job.request_id, "event": "done", "stats": stats_summary(stats)})
+        except (ClientRequestError, GenerationError) as exc:
+            await self._reply(job.identity, {"id": job.request_id, "event": "error", "message": str(exc), "ids": stream.ids})
+        except Cancelled:
+            log.info("%s: request %d cancelled by its client", self.name, job.request_id)
+        finally:
+            self.cancelled.discard(key)
+
+    async def generate(self, ids: list[int], options: GenerateOptions, on_tokens) -> GenerationStats:
+        strategy = make_strategy(options.mode, self.num_stages, options.segment_size, options.tree_top_k)
+        loop = asyncio.get_running_loop()
+        draft = await loop.run_in_executor(self.compute, self.draft_source, options.draft) if strategy.uses_draft else NoDraft()
+        scheduler = Scheduler(
+            self.head, draft, strategy,
+            TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens),
+            self.link.send, self.returns.get, self.max_context, self.prefill_chunk, self.compute,
+        )
+        request = GenerationRequest(
+            tuple(ids), options.max_new_tokens,
+            SamplingParams(options.temperature, options.top_k, options.top_p, options.seed), self.eos_ids,
+        )
+        return await scheduler.generate(next(self.request_ids), request, on_tokens)
+
+
+def stats_summary(stats: GenerationStats) -> dict[str, Any]:
+    gaps = [b - a for a, b in zip(stats.token_times, stats.token_times[1:])]
+    return {
+        "tokens": len(stats.tokens),
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "tokens_per_s": (len(stats.tokens) - 1) / stats.decode_s if stats.decode_s > 0 else 0.0,
+        "verifications": stats.verifications,
+        "accepted_per_verification": stats.accepted_per_verification,
+        "segments_sent": stats.segments_sent,
+        "rows_sent": stats.rows_sent,
+        "bytes_sent": stats.bytes_sent,
+        "token_times": stats.token_times,
+        "mean_gap_s": sum(gaps) / len(gaps) if gaps else 0.0,
+        "stop_reason": stats.stop_reason,
+    }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -1,0 +1,110 @@
+"""A stage node: a window of decoder layers in the ring.
+
+Three coroutines joined by queues overlap the work: `_receive` decodes input (and applies a prune
+to inputs still queued), `_compute` runs one message at a time on a worker thread (torch releases
+the GIL), `_send` ships results downstream. Messages are handled in arrival order, which is the
+head's sending order, so a prune always lands after the segments it refers to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from .kv_cache import TreeKVCache
+from .model_slices import LayerWindow
+from .protocol import Message, Prune, Release, Segment, StageError
+from .transport import RingLink
+
+log = logging.getLogger(__name__)
+
+
+class StageNode:
+    def __init__(self, name: str, window: LayerWindow, link: RingLink, is_last: bool, max_context: int) -> None:
+        self.name = name
+        self.window = window
+        self.link = link
+        self.is_last = is_last
+        self.max_context = max_context
+        self.caches: dict[int, TreeKVCache] = {}
+        self.inbox: deque[Message] = deque()
+        self.inbox_ready = asyncio.Event()
+        self.outbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-compute")
+
+    async def run(self) -> None:
+        await asyncio.gather(self._receive(), self._compute(), self._send())
+
+    async def _receive(self) -> None:
+        while True:
+            message = await self.link.receive()
+            if isinstance(message, Prune):
+                self._prune_queued(message)
+            self.inbox.append(message)
+            self.inbox_ready.set()
+
+    def _prune_queued(self, prune: Prune) -> None:
+        """Drop rows the head has just rejected from segments that have not been computed yet."""
+        alive = set(prune.survivors)
+        for i, queued in enumerate(self.inbox):
+            if isinstance(queued, Segment) and queued.request_id == prune.request_id and not queued.commit:
+                keep = [row for row, node in enumerate(queued.node_ids) if node in alive]
+                if len(keep) < len(queued.node_ids):
+                    self.inbox[i] = queued.select(keep)
+
+    async def _compute(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.inbox:
+                self.inbox_ready.clear()
+                await self.inbox_ready.wait()
+            message = self.inbox.popleft()
+            try:
+                result = await loop.run_in_executor(self.worker, self.handle, message)
+            except Exception as exc:  # a bad request must not take the node down; the head is told
+                log.exception("%s: request %d failed", self.name, message.request_id)
+                self.caches.pop(message.request_id, None)
+                result = StageError(message.request_id, self.name, f"{type(exc).__name__}: {exc}")
+            if result is not None:
+                await self.outbox.put(result)
+
+    async def _send(self) -> None:
+        while True:
+            await self.link.send(await self.outbox.get())
+
+    def handle(self, message: Message) -> Message | None:
+        match message:
+            case Segment():
+                return self._forward(message)
+            case Prune():
+                cache = self.caches.get(message.request_id)
+                if cache is not None:
+                    cache.prune(message.accepted, message.survivors)
+                return message
+            case Release():
+                self.caches.pop(message.request_id, None)
+                return message
+            case StageError():
+                return message
+
+    def _forward(self, segment: Segment) -> Segment | None:
+        if not segment.node_ids:
+            return None  # every row was pruned while queued
+        hidden_size = self.window.config.hidden_size
+        if segment.hidden.shape[1] != hidden_size:
+            raise ValueError(f"hidden rows have width {segment.hidden.shape[1]}, this model needs {hidden_size}")
+        if max(segment.positions) >= self.max_context or min(segment.positions) < 0:
+            raise ValueError(f"positions {min(segment.positions)}..{max(segment.positions)} outside the context")
+        cache = self.caches.get(segment.request_id)
+        if cache is None:
+            cache = self.caches[segment.request_id] = self.window.new_cache()
+        hidden = self.window(
+            segment.hidden, cache, segment.commit, segment.node_ids, segment.parents, segment.positions
+        )
+        if self.is_last and segment.commit:
+            # Only the last prefill row's next-token distribution is ever needed.
+            return segment.select([len(segment.node_ids) - 1]).with_hidden(hidden[-1:].contiguous())
+        return segment.with_hidden(hidden)
+

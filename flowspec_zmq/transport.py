@@ -1,0 +1,49 @@
+"""ZeroMQ ring links: every node binds a PULL for its input and connects a PUSH to the next hop."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+import zmq.asyncio
+
+from .protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+def tcp(host: str, port: int) -> str:
+    return f"tcp://{host}:{port}"
+
+
+class RingLink:
+    """One node's place in the ring: receive from the previous hop, send to the next."""
+
+    def __init__(self, context: zmq.asyncio.Context, listen: str, next_hop: str, name: str) -> None:
+        self.name = name
+        self.inbound = context.socket(zmq.PULL)
+        # zmq drops an oversized message before it reaches us, so a bad peer cannot exhaust memory.
+        self.inbound.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.inbound.setsockopt(zmq.LINGER, 0)
+        self.inbound.bind(listen)
+        self.outbound = context.socket(zmq.PUSH)
+        self.outbound.setsockopt(zmq.LINGER, 0)
+        self.outbound.connect(next_hop)
+        self.rejected = 0
+
+    async def receive(self) -> Message:
+        """The next valid message; invalid ones are logged, counted and skipped."""
+        while True:
+            frames = await self.inbound.recv_multipart(copy=False)
+            try:
+                return decode(frames)
+            except ProtocolError as exc:
+                self.rejected += 1
+                log.warning("%s: rejected a message: %s", self.name, exc)
+
+    async def send(self, message: Message) -> None:
+        await self.outbound.send_multipart(encode(message), copy=False)
+
+    def close(self) -> None:
+        self.inbound.close()
+        self.outbound.close()

@@ -1,0 +1,160 @@
+"""The draft token tree: a pure data structure (no model, no I/O).
+
+The root is the newest committed token; its KV is not yet in the stages' committed prefix. Every
+other node is a draft token. Node ids are unique for the life of a request and never reused, so a
+stale id in a message in flight can never be mistaken for a live node; "re-indexing" after a prune
+is therefore just dropping ids. A node's score is its cumulative draft log-probability from the
+root when it was drafted; scores never increase along a path, so score order puts parents first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+ROOT_PARENT = -1
+
+
+@dataclass
+class Node:
+    id: int
+    token: int
+    parent: int
+    depth: int
+    position: int
+    score: float
+    sent: bool = False
+    # The target's choice of the next token after this node, once its hidden state came back.
+    target: int | None = None
+    children: dict[int, int] = field(default_factory=dict)  # token -> child id
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A draft source's proposal below a root: parents index earlier entries, -1 is the root."""
+
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+    scores: tuple[float, ...]
+
+    @staticmethod
+    def empty() -> DraftTree:
+        return DraftTree((), (), ())
+
+
+@dataclass(frozen=True)
+class Advance:
+    """What one verification changed: tokens newly committed, node rows whose KV joins the committed
+    prefix, and the sent nodes that survive (the new root's subtree)."""
+
+    tokens: tuple[int, ...]
+    accepted: tuple[int, ...]
+    survivors: tuple[int, ...]
+
+
+class TokenTree:
+    def __init__(self, root_token: int, root_position: int) -> None:
+        self.nodes: dict[int, Node] = {}
+        self._next_id = 0
+        self.root = self._new_node(root_token, ROOT_PARENT, 0, root_position, 0.0)
+
+    def _new_node(self, token: int, parent: int, depth: int, position: int, score: float) -> int:
+        node = Node(self._next_id, token, parent, depth, position, score)
+        self._next_id += 1
+        self.nodes[node.id] = node
+        if parent != ROOT_PARENT:
+            self.nodes[parent].children[token] = node.id
+        return node.id
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __contains__(self, node_id: int) -> bool:
+        return node_id in self.nodes
+
+    def add_child(self, parent: int, token: int, score: float) -> int:
+        """The child of `parent` with this token, created if new (siblings are never duplicated)."""
+        existing = self.nodes[parent].children.get(token)
+        if existing is not None:
+            return existing
+        p = self.nodes[parent]
+        return self._new_node(token, parent, p.depth + 1, p.position + 1, score)
+
+    def merge(self, draft: DraftTree) -> list[int]:
+        """Graft a draft rooted at our root, matching by token path; returns the ids of new nodes."""
+        mapped: list[int] = []
+        created: list[int] = []
+        for token, parent, score in zip(draft.tokens, draft.parents, draft.scores):
+            parent_id = self.root if parent == ROOT_PARENT else mapped[parent]
+            before = len(self.nodes)
+            node_id = self.add_child(parent_id, token, score)
+            if len(self.nodes) > before:
+                created.append(node_id)
+            mapped.append(node_id)
+        return created
+
+    def path_tokens(self, node_id: int) -> list[int]:
+        """Tokens from just below the root down to this node."""
+        tokens = []
+        while node_id != self.root:
+            node = self.nodes[node_id]
+            tokens.append(node.token)
+            node_id = node.parent
+        return tokens[::-1]
+
+    def subtree(self, node_id: int) -> list[int]:
+        out, stack = [], [node_id]
+        while stack:
+            current = stack.pop()
+            out.append(current)
+            stack.extend(self.nodes[current].children.values())
+        return out
+
+    def unsent(self) -> list[Node]:
+        """Nodes not yet sent, best first; a parent always precedes its children."""
+        waiting = [n for n in self.nodes.values() if not n.sent]
+        return sorted(waiting, key=lambda n: (-n.score, n.depth, n.id))
+
+    def mark_sent(self, nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            node.sent = True
+
+    def set_targets(self, node_ids: Sequence[int], targets: Sequence[int]) -> None:
+        for node_id, target in zip(node_ids, targets):
+            if node_id in self.nodes:
+                self.nodes[node_id].target = target
+
+    def verify(self) -> Advance:
+        """Walk from the root while the target has spoken: each step commits the target's token,
+        then descends into the child holding it. Stops at a node still in flight (it becomes the
+        root, its subtree survives) or where no child matches (a fresh root, the round ends)."""
+        tokens: list[int] = []
+        accepted: list[int] = []
+        node = self.nodes[self.root]
+        while node.target is not None:
+            accepted.append(node.id)
+            tokens.append(node.target)
+            child = node.children.get(node.target)
+            if child is None:
+                self._reroot(self._new_node(node.target, node.id, node.depth + 1, node.position + 1, 0.0))
+                break
+            node = self.nodes[child]
+        else:
+            if accepted:
+                self._reroot(node.id)
+        survivors = tuple(n.id for n in self.nodes.values() if n.sent)
+        return Advance(tuple(tokens), tuple(accepted), survivors)
+
+    def _reroot(self, new_root: int) -> None:
+        keep = self.subtree(new_root)
+        base = self.nodes[new_root]
+        self.nodes = {i: self.nodes[i] for i in keep}
+        # Scores become relative to the new root so fresh drafts and old nodes rank together.
+        for node in self.nodes.values():
+            node.depth -= base.depth
+            node.score -= base.score
+        base.parent = ROOT_PARENT
+        self.root = new_root
+
+    def in_flight(self) -> list[int]:
+        return [n.id for n in self.nodes.values() if n.sent and n.target is None]

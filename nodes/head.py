@@ -1,0 +1,58 @@
+"""Head node program: tokenizer, embedding + lm_head, drafts, scheduler and the client endpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import uvloop
+import zmq.asyncio
+from transformers import AutoTokenizer
+
+from flowspec_zmq.client_protocol import GenerateOptions
+from flowspec_zmq.head_node import HeadNode, torch_dtype
+from flowspec_zmq.model_slices import load_head_model
+from flowspec_zmq.transport import RingLink, tcp
+
+from .common import setup
+
+log = logging.getLogger("flowspec.head")
+
+
+def default_options(decoding) -> GenerateOptions:
+    """The topology's [decoding] table as the head's per-request defaults."""
+    fields = asdict(GenerateOptions())
+    return GenerateOptions(**{k: v for k, v in asdict(decoding).items() if k in fields})
+
+
+async def serve(topology_path: Path, name: str) -> None:
+    topology, node, model_dir = setup(topology_path, name)
+    started = time.perf_counter()
+    log.info("loading tokenizer and head weights of %s", model_dir.name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    head = load_head_model(model_dir, torch_dtype(topology.model.dtype))
+    log.info("loaded in %.1f s", time.perf_counter() - started)
+    context = zmq.asyncio.Context()
+    first = topology.next_hop(name)
+    link = RingLink(context, tcp(node.host, node.port), tcp(first.host, first.port), name)
+    defaults = default_options(topology.decoding)
+    defaults.check()
+    head_node = HeadNode(
+        name, model_dir, head, tokenizer, link, tcp(node.host, node.client_port), context,
+        len(topology.stages), defaults, topology.model.max_context, topology.decoding.prefill_chunk,
+    )
+    if defaults.mode != "ar":
+        # Load the default draft now so the first request does not pay for it.
+        head_node.draft_source(defaults.draft)
+    log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
+    try:
+        await head_node.run()
+    finally:
+        link.close()
+        context.term()
+
+
+def main(topology_path: Path, name: str) -> None:
+    uvloop.run(serve(topology_path, name))

@@ -1,0 +1,43 @@
+"""Stage node program: load this node's layer window and serve it in the ring."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import uvloop
+import zmq.asyncio
+
+from flowspec_zmq.head_node import torch_dtype
+from flowspec_zmq.model_slices import load_config, load_layer_window
+from flowspec_zmq.stage_node import StageNode
+from flowspec_zmq.transport import RingLink, tcp
+
+from .common import setup
+
+log = logging.getLogger("flowspec.stage")
+
+
+async def serve(topology_path: Path, name: str) -> None:
+    topology, node, model_dir = setup(topology_path, name)
+    first, last = topology.layer_windows(load_config(model_dir).num_hidden_layers)[name]
+    started = time.perf_counter()
+    log.info("loading layers [%d, %d) of %s", first, last, model_dir.name)
+    window = load_layer_window(model_dir, first, last, torch_dtype(topology.model.dtype))
+    log.info("loaded %d layers in %.1f s", last - first, time.perf_counter() - started)
+    context = zmq.asyncio.Context()
+    next_hop = topology.next_hop(name)
+    link = RingLink(context, tcp(node.host, node.port), tcp(next_hop.host, next_hop.port), name)
+    stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context)
+    log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
+    try:
+        await stage.run()
+    finally:
+        link.close()
+        context.term()
+
+
+def main(topology_path: Path, name: str) -> None:
+    uvloop.run(serve(topology_path, name))
