@@ -187,7 +187,7 @@ class HeadModel(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [n, d] -> float32 logits [n, vocab]."""
-        logits = self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype))).float()
+        logits = self.lm_head(self.norm(hidden.to(self.embed_tokens.weight.dtype))).float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

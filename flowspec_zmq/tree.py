@@ -86,10 +86,15 @@ class TokenTree:
         created: list[int] = []
         for token, parent, score in zip(draft.tokens, draft.parents, draft.scores):
             parent_id = self.root if parent == ROOT_PARENT else mapped[parent]
-            before = len(self.nodes)
-            node_id = self.add_child(parent_id, token, score)
-            if len(self.nodes) > before:
+            existing = self.nodes[parent_id].children.get(token)
+            if existing is None:
+                node_id = self.add_child(parent_id, token, score)
                 created.append(node_id)
+            else:
+                # Raising a matched node to its fresh score keeps every parent scored above its
+                # children, old and new, so score order still sends parents first.
+                node_id = existing
+                self.nodes[node_id].score = max(self.nodes[node_id].score, score)
             mapped.append(node_id)
         return created
 
@@ -111,9 +116,24 @@ class TokenTree:
         return out
 
     def unsent(self) -> list[Node]:
-        """Nodes not yet sent, best first; a parent always precedes its children."""
-        waiting = [n for n in self.nodes.values() if not n.sent]
-        return sorted(waiting, key=lambda n: (-n.score, n.depth, n.id))
+        """Nodes not yet sent, best first; a parent always precedes its children (a child that
+        ranks above its unsent parent waits until the parent is listed)."""
+        waiting = sorted((n for n in self.nodes.values() if not n.sent), key=lambda n: (-n.score, n.depth, n.id))
+        listed: set[int] = set()
+        ordered: list[Node] = []
+        deferred: dict[int, list[Node]] = {}  # unlisted parent id -> children waiting for it
+        for node in waiting:
+            parent = self.nodes.get(node.parent)
+            if node.id != self.root and parent is not None and not parent.sent and parent.id not in listed:
+                deferred.setdefault(parent.id, []).append(node)
+                continue
+            stack = [node]
+            while stack:
+                current = stack.pop()
+                ordered.append(current)
+                listed.add(current.id)
+                stack.extend(reversed(deferred.pop(current.id, [])))
+        return ordered
 
     def mark_sent(self, nodes: Iterable[Node]) -> None:
         for node in nodes:
