@@ -1,0 +1,46 @@
+"""Every mode's greedy output equals the target's own greedy output, token for token, on real
+weights, through real node processes and real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from flowspec_zmq.client import Client
+
+from .conftest import PROMPTS, client_address
+
+NEW_TOKENS = 20
+CASES = [("ar", "int8"), ("tree", "int8"), ("tree", "ngram"), ("specpipe", "int8"), ("specpipe", "ngram"),
+         ("flowspec", "int8"), ("flowspec", "ngram")]
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda n: f"{n}stages")
+def ring(request, start_cluster):
+    cluster = start_cluster(request.param)
+    yield cluster
+    cluster.stop()
+
+
+def complete(cluster, prompt: str, **options) -> list[int]:
+    return asyncio.run(Client(client_address(cluster)).complete(prompt, **options)).ids
+
+
+@pytest.mark.parametrize("prompt", sorted(PROMPTS))
+@pytest.mark.parametrize("mode,draft", CASES, ids=[f"{m}-{d}" for m, d in CASES])
+def test_greedy_equals_target(ring, reference, mode, draft, prompt):
+    want = reference(PROMPTS[prompt], NEW_TOKENS)
+    assert complete(ring, PROMPTS[prompt], mode=mode, draft=draft, max_new_tokens=NEW_TOKENS) == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_tree_shapes_stay_lossless(ring, reference, seed):
+    rng = random.Random(seed)
+    shape = dict(tree_depth=rng.randint(1, 6), tree_top_k=rng.randint(1, 6),
+                 tree_total_tokens=rng.randint(1, 48), segment_size=rng.randint(1, 20))
+    mode = rng.choice(["tree", "specpipe", "flowspec"])
+    want = reference(PROMPTS["code"], NEW_TOKENS)
+    got = complete(ring, PROMPTS["code"], mode=mode, draft="int8", max_new_tokens=NEW_TOKENS, **shape)
+    assert got == want, f"{mode} with {shape}"
