@@ -28,6 +28,7 @@ from .protocol import Message
 from .sampling import SamplingParams
 from .scheduler import GenerationError, GenerationRequest, GenerationStats, Scheduler
 from .strategies import make_strategy
+from .trace import tracer_from_env
 from .transport import RingLink
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class HeadNode:
         self.job_ready = asyncio.Event()
         self.cancelled: set[tuple[bytes, int]] = set()
         self.request_ids = itertools.count(int(time.time() * 1000) % (1 << 40))
+        self.tracer = tracer_from_env(name)
 
     async def run(self) -> None:
         await asyncio.gather(self._ring_receive(), self._client_receive(), self._serve())
@@ -218,7 +220,7 @@ class HeadNode:
         scheduler = Scheduler(
             self.head, draft, strategy,
             TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens),
-            self.link.send, self.returns.get, self.max_context, self.prefill_chunk, self.compute,
+            self.link.send, self.returns.get, self.max_context, self.prefill_chunk, self.compute, self.tracer,
         )
         request = GenerationRequest(
             tuple(ids), options.max_new_tokens,

@@ -15,6 +15,7 @@ from .model_slices import HeadModel
 from .protocol import Message, Prune, Release, Segment, StageError
 from .sampling import SamplingParams, pick_tokens
 from .strategies import Strategy
+from .trace import Tracer
 from .tree import ROOT_PARENT, Node, TokenTree
 
 
@@ -68,6 +69,7 @@ class Scheduler:
         max_context: int,
         prefill_chunk: int,
         compute: ThreadPoolExecutor,
+        tracer: Tracer,
     ) -> None:
         self.head = head
         self.draft_source = draft
@@ -78,16 +80,19 @@ class Scheduler:
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
         self.compute = compute  # one head thread: model work runs in order, the event loop stays free
+        self.tracer = tracer
 
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+    async def _run(self, what: str, fn, *args):
+        with self.tracer.span(what):
+            return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
     async def _send_segment(
         self, stats: GenerationStats, request_id: int, seq: int, commit: bool, tokens: list[int],
         node_ids: list[int], parents: list[int], positions: list[int],
     ) -> None:
-        hidden = await self._run(self.head.embed, tokens)
-        await self._send(Segment(request_id, seq, commit, tuple(node_ids), tuple(parents), tuple(positions), hidden))
+        hidden = await self._run("embed", self.head.embed, tokens)
+        with self.tracer.span("send", request_id, seq, len(tokens)):
+            await self._send(Segment(request_id, seq, commit, tuple(node_ids), tuple(parents), tuple(positions), hidden))
         stats.segments_sent += 1
         stats.rows_sent += len(tokens)
         stats.bytes_sent += hidden.numel() * hidden.element_size()
@@ -127,7 +132,7 @@ class Scheduler:
             await self._send_segment(stats, request_id, seq, True, tokens, positions, [ROOT_PARENT] * len(tokens), positions)
         while (returned := await self._next_for(request_id, [])).seq != len(chunks) - 1:
             pass
-        logits = await self._run(self.head.logits, returned.hidden)
+        logits = await self._run("logits", self.head.logits, returned.hidden)
         stats.prefill_s = time.perf_counter() - start
         return pick_tokens(logits, [len(prompt)], request.sampling)[0]
 
@@ -153,7 +158,7 @@ class Scheduler:
         needs_draft = strategy.uses_draft
         while True:
             if needs_draft:
-                draft = await self._run(self.draft_source.draft, DraftContext(committed, self._draft_shape(tree)))
+                draft = await self._run("draft", self.draft_source.draft, DraftContext(committed, self._draft_shape(tree)))
                 tree.merge(draft)
                 needs_draft = False
             while len(in_flight) < strategy.max_in_flight and (nodes := strategy.cut(tree, len(in_flight))):
@@ -201,7 +206,7 @@ class Scheduler:
         if not rows:
             return
         live = returned.select(rows)
-        logits = await self._run(self.head.logits, live.hidden)
+        logits = await self._run("logits", self.head.logits, live.hidden)
         targets = pick_tokens(logits, [p + 1 for p in live.positions], sampling)
         tree.set_targets(live.node_ids, targets)
 

@@ -16,18 +16,22 @@ from concurrent.futures import ThreadPoolExecutor
 from .kv_cache import TreeKVCache
 from .model_slices import LayerWindow
 from .protocol import Message, Prune, Release, Segment, StageError
+from .trace import Tracer
 from .transport import RingLink
 
 log = logging.getLogger(__name__)
 
 
 class StageNode:
-    def __init__(self, name: str, window: LayerWindow, link: RingLink, is_last: bool, max_context: int) -> None:
+    def __init__(
+        self, name: str, window: LayerWindow, link: RingLink, is_last: bool, max_context: int, tracer: Tracer
+    ) -> None:
         self.name = name
         self.window = window
         self.link = link
         self.is_last = is_last
         self.max_context = max_context
+        self.tracer = tracer
         self.caches: dict[int, TreeKVCache] = {}
         self.inbox: deque[Message] = deque()
         self.inbox_ready = asyncio.Event()
@@ -61,8 +65,10 @@ class StageNode:
                 self.inbox_ready.clear()
                 await self.inbox_ready.wait()
             message = self.inbox.popleft()
+            rows = len(message.node_ids) if isinstance(message, Segment) else 0
             try:
-                result = await loop.run_in_executor(self.worker, self.handle, message)
+                with self.tracer.span(message.kind, message.request_id, getattr(message, "seq", -1), rows):
+                    result = await loop.run_in_executor(self.worker, self.handle, message)
             except Exception as exc:  # a bad request must not take the node down; the head is told
                 log.exception("%s: request %d failed", self.name, message.request_id)
                 self.caches.pop(message.request_id, None)
@@ -72,7 +78,9 @@ class StageNode:
 
     async def _send(self) -> None:
         while True:
-            await self.link.send(await self.outbox.get())
+            message = await self.outbox.get()
+            with self.tracer.span("send", message.request_id, getattr(message, "seq", -1)):
+                await self.link.send(message)
 
     def handle(self, message: Message) -> Message | None:
         match message:

@@ -13,6 +13,7 @@ import zmq.asyncio
 from flowspec_zmq.head_node import torch_dtype
 from flowspec_zmq.model_slices import load_config, load_layer_window
 from flowspec_zmq.stage_node import StageNode
+from flowspec_zmq.trace import tracer_from_env
 from flowspec_zmq.transport import RingLink, tcp
 
 from .common import setup
@@ -30,7 +31,8 @@ async def serve(topology_path: Path, name: str) -> None:
     context = zmq.asyncio.Context()
     next_hop = topology.next_hop(name)
     link = RingLink(context, tcp(node.host, node.port), tcp(next_hop.host, next_hop.port), name)
-    stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context)
+    stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context,
+                      tracer=tracer_from_env(name))
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
     try:
         await stage.run()
