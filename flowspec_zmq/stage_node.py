@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from .emulation import DeviceProfile, pace
 from .kv_cache import TreeKVCache
 from .model_slices import LayerWindow
 from .protocol import Message, Prune, Release, Segment, StageError
@@ -24,7 +26,14 @@ log = logging.getLogger(__name__)
 
 class StageNode:
     def __init__(
-        self, name: str, window: LayerWindow, link: RingLink, is_last: bool, max_context: int, tracer: Tracer
+        self,
+        name: str,
+        window: LayerWindow,
+        link: RingLink,
+        is_last: bool,
+        max_context: int,
+        tracer: Tracer,
+        profile: DeviceProfile | None = None,
     ) -> None:
         self.name = name
         self.window = window
@@ -32,6 +41,7 @@ class StageNode:
         self.is_last = is_last
         self.max_context = max_context
         self.tracer = tracer
+        self.profile = profile  # when set, every segment takes the profiled device's time
         self.caches: dict[int, TreeKVCache] = {}
         self.inbox: deque[Message] = deque()
         self.inbox_ready = asyncio.Event()
@@ -66,9 +76,12 @@ class StageNode:
                 await self.inbox_ready.wait()
             message = self.inbox.popleft()
             rows = len(message.node_ids) if isinstance(message, Segment) else 0
+            started = time.perf_counter()
             try:
                 with self.tracer.span(message.kind, message.request_id, getattr(message, "seq", -1), rows):
                     result = await loop.run_in_executor(self.worker, self.handle, message)
+                    if self.profile is not None and rows:
+                        await pace(started, self.profile.compute_s(rows))
             except Exception as exc:  # a bad request must not take the node down; the head is told
                 log.exception("%s: request %d failed", self.name, message.request_id)
                 self.caches.pop(message.request_id, None)

@@ -7,6 +7,7 @@ import logging
 import zmq
 import zmq.asyncio
 
+from .emulation import LinkProfile, ShapedSender
 from .protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,9 @@ def tcp(host: str, port: int) -> str:
 class RingLink:
     """One node's place in the ring: receive from the previous hop, send to the next."""
 
-    def __init__(self, context: zmq.asyncio.Context, listen: str, next_hop: str, name: str) -> None:
+    def __init__(
+        self, context: zmq.asyncio.Context, listen: str, next_hop: str, name: str, shaping: LinkProfile | None = None
+    ) -> None:
         self.name = name
         self.inbound = context.socket(zmq.PULL)
         # zmq drops an oversized message before it reaches us, so a bad peer cannot exhaust memory.
@@ -30,6 +33,7 @@ class RingLink:
         self.outbound.setsockopt(zmq.LINGER, 0)
         self.outbound.connect(next_hop)
         self.rejected = 0
+        self.shaper = ShapedSender(shaping, self._send_frames) if shaping else None
 
     async def receive(self) -> Message:
         """The next valid message; invalid ones are logged, counted and skipped."""
@@ -42,7 +46,14 @@ class RingLink:
                 log.warning("%s: rejected a message: %s", self.name, exc)
 
     async def send(self, message: Message) -> None:
-        await self.outbound.send_multipart(encode(message), copy=False)
+        frames = encode(message)
+        if self.shaper is None:
+            await self._send_frames(frames)
+        else:
+            self.shaper.submit(frames, sum(memoryview(f).nbytes for f in frames))
+
+    async def _send_frames(self, frames: list) -> None:
+        await self.outbound.send_multipart(frames, copy=False)
 
     def close(self) -> None:
         self.inbound.close()
