@@ -58,7 +58,7 @@ class GenerateOptions:
         if self.draft not in DRAFTS:
             raise ClientRequestError(f"draft {self.draft!r} is not one of {', '.join(DRAFTS)}")
         if not 1 <= self.max_new_tokens <= 1 << 20:
-            raise ClientRequestError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+            raise ClientRequestError(f"max_new_tokens must be between 1 and {1 << 20}, got {self.max_new_tokens}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ClientRequestError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
         for name in ("tree_total_tokens", "tree_depth", "tree_top_k", "segment_size"):
