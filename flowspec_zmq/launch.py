@@ -50,13 +50,20 @@ def node_command(topology_path: Path, name: str) -> list[str]:
 class LocalCluster:
     """The nodes of a topology that live on this machine, one process each."""
 
-    def __init__(self, topology_path: Path, names: list[str] | None = None, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        topology_path: Path,
+        names: list[str] | None = None,
+        log_dir: Path | None = None,
+        wrap: Callable[[str], list[str]] = lambda name: [],
+    ) -> None:
         self.topology_path = Path(topology_path).resolve()
         self.topology: Topology = load_topology(self.topology_path)
         local = [n.name for n in self.topology.nodes if n.host in LOCAL_HOSTS]
         self.names = names if names is not None else local
         self.log_dir = log_dir or cache_root() / "logs" / time.strftime("%Y%m%d-%H%M%S")
         self.nodes: dict[str, NodeProcess] = {}
+        self.wrap = wrap  # command prefix per node, e.g. `ip netns exec HOST` for emulated hosts
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +76,7 @@ class LocalCluster:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(
-                node_command(self.topology_path, name), stdout=log, stderr=subprocess.STDOUT,
+                self.wrap(name) + node_command(self.topology_path, name), stdout=log, stderr=subprocess.STDOUT,
                 env=env or dict(os.environ), start_new_session=True,
             )
         self.nodes[name] = NodeProcess(name, process, log_path)
