@@ -22,11 +22,12 @@ import zmq.asyncio
 from transformers import AutoTokenizer, GenerationConfig
 
 from .client_protocol import ClientRequestError, GenerateOptions, pack, unpack
+from .liveness import Watchdog
 from .draft import DraftSource, NoDraft, TreeShape, make_draft_source
 from .model_slices import HeadModel
-from .protocol import Message
+from .protocol import Message, StageError
 from .sampling import SamplingParams
-from .scheduler import GenerationError, GenerationRequest, GenerationStats, Scheduler
+from .scheduler import ANY_REQUEST, GenerationError, GenerationRequest, GenerationStats, Scheduler
 from .strategies import make_strategy
 from .trace import tracer_from_env
 from .transport import RingLink
@@ -111,8 +112,9 @@ class HeadNode:
         tokenizer,
         link: RingLink,
         client_address: str,
+        control_address: str,
         context: zmq.asyncio.Context,
-        num_stages: int,
+        stages: tuple[str, ...],
         defaults: GenerateOptions,
         max_context: int,
         prefill_chunk: int,
@@ -127,7 +129,13 @@ class HeadNode:
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
         self.clients.bind(client_address)
-        self.num_stages = num_stages
+        self.control = context.socket(zmq.PULL)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, 4096)
+        self.control.bind(control_address)
+        self.watchdog = Watchdog(stages)
+        self.busy = False  # a request is being generated
+        self.num_stages = len(stages)
         self.defaults = defaults
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
@@ -141,7 +149,24 @@ class HeadNode:
         self.tracer = tracer_from_env(name)
 
     async def run(self) -> None:
-        await asyncio.gather(self._ring_receive(), self._client_receive(), self._serve())
+        await asyncio.gather(
+            self._ring_receive(), self._client_receive(), self._serve(), self._control_receive(), self._watch()
+        )
+
+    async def _control_receive(self) -> None:
+        while True:
+            self.watchdog.beat(await self.control.recv())
+
+    async def _watch(self) -> None:
+        """Fail the running request as soon as a stage goes silent, instead of waiting forever."""
+        reported = False
+        while True:
+            await asyncio.sleep(0.5)
+            problem = self.watchdog.problem()
+            if problem and self.busy and not reported:
+                log.error("%s: %s", self.name, problem)
+                await self.returns.put(StageError(ANY_REQUEST, "watchdog", problem))
+            reported = bool(problem) and self.busy
 
     async def _ring_receive(self) -> None:
         while True:
@@ -202,6 +227,8 @@ class HeadNode:
             await self._reply(job.identity, {"id": job.request_id, "event": "tokens", "ids": ids, "text": stream.push(ids)})
 
         try:
+            if problem := self.watchdog.problem():
+                raise GenerationError(problem)
             options = self.defaults.updated(job.message.get("options") or {})
             ids = prompt_ids(self.tokenizer, job.message)
             stats = await self.generate(ids, options, on_tokens)
@@ -226,7 +253,13 @@ class HeadNode:
             tuple(ids), options.max_new_tokens,
             SamplingParams(options.temperature, options.top_k, options.top_p, options.seed), self.eos_ids,
         )
-        return await scheduler.generate(next(self.request_ids), request, on_tokens)
+        while not self.returns.empty():  # leftovers of an earlier request, a watchdog report among them
+            self.returns.get_nowait()
+        self.busy = True
+        try:
+            return await scheduler.generate(next(self.request_ids), request, on_tokens)
+        finally:
+            self.busy = False
 
 
 def stats_summary(stats: GenerationStats) -> dict[str, Any]:

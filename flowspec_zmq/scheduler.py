@@ -19,6 +19,9 @@ from .trace import Tracer
 from .tree import ROOT_PARENT, Node, TokenTree
 
 
+ANY_REQUEST = -1  # request id of a failure that concerns whatever request is running
+
+
 class GenerationError(RuntimeError):
     """The request could not finish; `tokens` holds what was committed before the failure."""
 
@@ -101,8 +104,8 @@ class Scheduler:
         """The next returning segment of this request; failures anywhere become GenerationError."""
         while True:
             message = await self._receive()
-            if isinstance(message, StageError) and message.request_id == request_id:
-                raise GenerationError(f"stage {message.node} failed: {message.reason}", committed)
+            if isinstance(message, StageError) and message.request_id in (request_id, ANY_REQUEST):
+                raise GenerationError(f"{message.node}: {message.reason}", committed)
             if isinstance(message, Segment) and message.request_id == request_id:
                 return message
             # Prune/Release echoes and leftovers of earlier requests need nothing from us.

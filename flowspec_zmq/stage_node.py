@@ -47,6 +47,11 @@ class StageNode:
         self.inbox_ready = asyncio.Event()
         self.outbox: asyncio.Queue[Message] = asyncio.Queue()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-compute")
+        self.busy_since: float | None = None
+
+    def busy_for(self) -> float:
+        """Seconds the current computation has been running (0 when idle), for heartbeats."""
+        return 0.0 if self.busy_since is None else time.monotonic() - self.busy_since
 
     async def run(self) -> None:
         await asyncio.gather(self._receive(), self._compute(), self._send())
@@ -77,6 +82,7 @@ class StageNode:
             message = self.inbox.popleft()
             rows = len(message.node_ids) if isinstance(message, Segment) else 0
             started = time.perf_counter()
+            self.busy_since = time.monotonic()
             try:
                 with self.tracer.span(message.kind, message.request_id, getattr(message, "seq", -1), rows):
                     result = await loop.run_in_executor(self.worker, self.handle, message)
@@ -86,6 +92,8 @@ class StageNode:
                 log.exception("%s: request %d failed", self.name, message.request_id)
                 self.caches.pop(message.request_id, None)
                 result = StageError(message.request_id, self.name, f"{type(exc).__name__}: {exc}")
+            finally:
+                self.busy_since = None
             if result is not None:
                 await self.outbox.put(result)
 

@@ -40,8 +40,8 @@ async def serve(topology_path: Path, name: str) -> None:
     defaults = default_options(topology.decoding)
     defaults.check()
     head_node = HeadNode(
-        name, model_dir, head, tokenizer, link, tcp(node.host, node.client_port), context,
-        len(topology.stages), defaults, topology.model.max_context, topology.decoding.prefill_chunk,
+        name, model_dir, head, tokenizer, link, tcp(node.host, node.client_port),
+        tcp(node.host, node.control_port), context, tuple(s.name for s in topology.stages), defaults, topology.model.max_context, topology.decoding.prefill_chunk,
     )
     if defaults.mode != "ar":
         # Load the default draft now so the first request does not pay for it.

@@ -11,6 +11,7 @@ import uvloop
 import zmq.asyncio
 
 from flowspec_zmq.head_node import torch_dtype
+from flowspec_zmq.liveness import send_heartbeats
 from flowspec_zmq.model_slices import load_config, load_layer_window
 from flowspec_zmq.stage_node import StageNode
 from flowspec_zmq.trace import tracer_from_env
@@ -34,8 +35,11 @@ async def serve(topology_path: Path, name: str) -> None:
     stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context,
                       tracer=tracer_from_env(name))
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
+    head = topology.head
     try:
-        await stage.run()
+        await asyncio.gather(
+            stage.run(), send_heartbeats(context, tcp(head.host, head.control_port), name, stage.busy_for)
+        )
     finally:
         link.close()
         context.term()

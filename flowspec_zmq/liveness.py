@@ -1,0 +1,71 @@
+"""Liveness: stages send heartbeats to the head's control socket; the head notices silence.
+
+A heartbeat says which node is alive and how long its current computation has run, so the head
+can tell a dead node (no heartbeats) from a hung one (heartbeats, but one computation for too long).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+HEARTBEAT_S = 0.5
+
+
+async def send_heartbeats(context: zmq.asyncio.Context, address: str, node: str, busy_for: Callable[[], float]) -> None:
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 4)  # stale heartbeats are worthless: never queue many
+    socket.connect(address)
+    try:
+        while True:
+            try:
+                socket.send(msgpack.packb({"node": node, "busy_s": busy_for()}), zmq.NOBLOCK)
+            except zmq.Again:  # the head is away; the next beat will try again
+                pass
+            await asyncio.sleep(HEARTBEAT_S)
+    finally:
+        socket.close()
+
+
+@dataclass
+class Watchdog:
+    """The head's view of which stages are alive."""
+
+    stages: tuple[str, ...]
+    dead_after_s: float = 3.0
+    hung_after_s: float = 120.0
+    startup_grace_s: float = 600.0  # a stage still loading its weights sends nothing yet
+    started: float = field(default_factory=time.monotonic)
+    last_seen: dict[str, float] = field(default_factory=dict)
+    busy_s: dict[str, float] = field(default_factory=dict)
+
+    def beat(self, frame: bytes) -> None:
+        try:
+            message = msgpack.unpackb(frame)
+            node, busy = message["node"], float(message["busy_s"])
+        except Exception:  # a malformed heartbeat proves nothing; ignore it
+            return
+        if node in self.stages:
+            self.last_seen[node] = time.monotonic()
+            self.busy_s[node] = busy
+
+    def problem(self) -> str | None:
+        """A sentence naming the first stage that is dead or hung, or None."""
+        now = time.monotonic()
+        for node in self.stages:
+            seen = self.last_seen.get(node)
+            if seen is None:
+                if now - self.started > self.startup_grace_s:
+                    return f"stage {node} has never sent a heartbeat"
+            elif now - seen > self.dead_after_s:
+                return f"stage {node} is not responding (no heartbeat for {now - seen:.1f} s)"
+            elif self.busy_s.get(node, 0.0) > self.hung_after_s:
+                return f"stage {node} is hung (one computation running for {self.busy_s[node]:.0f} s)"
+        return None
