@@ -19,6 +19,7 @@ SCHEMA_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 MAX_MESSAGE_BYTES = 256 << 20
 MAX_ROWS = 1 << 16
+MAX_DIM = 1 << 24
 MAX_TEXT = 1 << 20
 
 DTYPES: dict[str, torch.dtype] = {
@@ -136,10 +137,10 @@ def _tensor_to_frame(tensor: torch.Tensor) -> memoryview:
 
 
 def _frame_to_tensor(frame: memoryview | bytes, dtype_name: Any, shape: Any) -> torch.Tensor:
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
-    if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d >= 0 for d in shape):
-        raise ProtocolError(f"tensor shape must be two non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+        raise ProtocolError(f"tensor shape must be two integers in [0, {MAX_DIM}], got {shape!r}")
     dtype = DTYPES[dtype_name]
     expected = math.prod(shape) * dtype.itemsize
     buffer = memoryview(frame)
@@ -189,12 +190,12 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Message:
     if buffers[0].nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {buffers[0].nbytes} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     try:
-        header = msgpack.unpackb(buffers[0], strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+        header = msgpack.unpackb(buffers[0], strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage input
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a map")
-    if header.get("v") != SCHEMA_VERSION:
+    if type(header.get("v")) is not int or header["v"] != SCHEMA_VERSION:
         raise ProtocolError(f"schema version {header.get('v')!r} is not {SCHEMA_VERSION}")
     kind = header.get("kind")
     request_id = _int(header, "req")

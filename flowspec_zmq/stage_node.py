@@ -43,6 +43,7 @@ class StageNode:
         self.tracer = tracer
         self.profile = profile  # when set, every segment takes the profiled device's time
         self.caches: dict[int, TreeKVCache] = {}
+        self.prune_versions: dict[int, int] = {}  # request id -> last prune applied
         self.inbox: deque[Message] = deque()
         self.inbox_ready = asyncio.Event()
         self.outbox: asyncio.Queue[Message] = asyncio.Queue()
@@ -91,6 +92,7 @@ class StageNode:
             except Exception as exc:  # a bad request must not take the node down; the head is told
                 log.exception("%s: request %d failed", self.name, message.request_id)
                 self.caches.pop(message.request_id, None)
+                self.prune_versions.pop(message.request_id, None)
                 result = StageError(message.request_id, self.name, f"{type(exc).__name__}: {exc}")
             finally:
                 self.busy_since = None
@@ -108,12 +110,17 @@ class StageNode:
             case Segment():
                 return self._forward(message)
             case Prune():
+                last = self.prune_versions.get(message.request_id, 0)
+                if message.version <= last:
+                    raise ValueError(f"prune version {message.version} arrived after version {last}")
+                self.prune_versions[message.request_id] = message.version
                 cache = self.caches.get(message.request_id)
                 if cache is not None:
                     cache.prune(message.accepted, message.survivors)
                 return message
             case Release():
                 self.caches.pop(message.request_id, None)
+                self.prune_versions.pop(message.request_id, None)
                 return message
             case StageError():
                 return message

@@ -168,11 +168,12 @@ class TokenTree:
     def _reroot(self, new_root: int) -> None:
         keep = self.subtree(new_root)
         base = self.nodes[new_root]
+        base_depth, base_score = base.depth, base.score
         self.nodes = {i: self.nodes[i] for i in keep}
         # Scores become relative to the new root so fresh drafts and old nodes rank together.
         for node in self.nodes.values():
-            node.depth -= base.depth
-            node.score -= base.score
+            node.depth -= base_depth
+            node.score -= base_score
         base.parent = ROOT_PARENT
         self.root = new_root
 

@@ -36,7 +36,7 @@ async def serve(topology_path: Path, name: str) -> None:
     log.info("loaded in %.1f s", time.perf_counter() - started)
     context = zmq.asyncio.Context()
     first = topology.next_hop(name)
-    link = RingLink(context, tcp(node.host, node.port), tcp(first.host, first.port), name)
+    link = RingLink(context, tcp(node.host, node.port), tcp(first.host, first.port), name, topology.link)
     defaults = default_options(topology.decoding)
     defaults.check()
     head_node = HeadNode(

@@ -31,9 +31,9 @@ async def serve(topology_path: Path, name: str) -> None:
     log.info("loaded %d layers in %.1f s", last - first, time.perf_counter() - started)
     context = zmq.asyncio.Context()
     next_hop = topology.next_hop(name)
-    link = RingLink(context, tcp(node.host, node.port), tcp(next_hop.host, next_hop.port), name)
+    link = RingLink(context, tcp(node.host, node.port), tcp(next_hop.host, next_hop.port), name, topology.link)
     stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context,
-                      tracer=tracer_from_env(name))
+                      tracer=tracer_from_env(name), profile=node.profile)
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
     head = topology.head
     try:

@@ -44,3 +44,22 @@ def test_random_tree_shapes_stay_lossless(ring, reference, seed):
     want = reference(PROMPTS["code"], NEW_TOKENS)
     got = complete(ring, PROMPTS["code"], mode=mode, draft="int8", max_new_tokens=NEW_TOKENS, **shape)
     assert got == want, f"{mode} with {shape}"
+
+
+@pytest.fixture(scope="module")
+def six_stages(start_cluster):
+    cluster = start_cluster(6)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.parametrize(
+    "mode,draft,segment_size",
+    [("flowspec", "int8", 1), ("flowspec", "int8", 2), ("flowspec", "ngram", 3), ("specpipe", "int8", 16)],
+)
+def test_six_stages_with_prunes_racing_tiny_segments(six_stages, reference, mode, draft, segment_size):
+    """Many stages and tiny segments: prunes overtake queued segments on every stage."""
+    for prompt in sorted(PROMPTS):
+        got = complete(six_stages, PROMPTS[prompt], mode=mode, draft=draft, segment_size=segment_size,
+                       max_new_tokens=NEW_TOKENS)
+        assert got == reference(PROMPTS[prompt], NEW_TOKENS), prompt

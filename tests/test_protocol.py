@@ -24,25 +24,6 @@ from flowspec_zmq.protocol import (
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _decode_rejects_every_header() -> bool:
-    """True while decode() passes `max_buffer_size` to msgpack.unpackb, which msgpack 1.x does not
-    accept, so every message (even a valid Release) fails to decode."""
-    try:
-        decode(encode(Release(0)))
-    except ProtocolError as exc:
-        return "max_buffer_size" in str(exc)
-    return False
-
-
-# Tests that need decode() to get past msgpack. They fail while the bug above is present and run
-# normally (no marker) once it is fixed.
-DECODE_BROKEN = pytest.mark.xfail(
-    _decode_rejects_every_header(),
-    strict=True,
-    reason="protocol.decode passes max_buffer_size= to msgpack.unpackb, a TypeError in msgpack 1.x "
-    "(caught and re-raised as ProtocolError): no message decodes",
-)
-
 INT64 = st.integers(-(2**63), 2**63 - 1)
 NON_NEGATIVE = st.integers(0, 2**62 - 1)
 DTYPE_NAMES = list(protocol.DTYPES)
@@ -107,7 +88,6 @@ def assert_same_segment(got: Segment, sent: Segment) -> None:
 # -- round trips ---------------------------------------------------------------------------------
 
 
-@DECODE_BROKEN
 @FAST
 @given(segments(), st.booleans())
 def test_segment_round_trip(segment: Segment, over_wire: bool) -> None:
@@ -117,7 +97,6 @@ def test_segment_round_trip(segment: Segment, over_wire: bool) -> None:
     assert_same_segment(got, segment)
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_segment_round_trip_each_dtype_non_contiguous(dtype_name: str) -> None:
     # A transposed (non-contiguous) tensor must still travel as its logical row-major contents.
@@ -128,7 +107,6 @@ def test_segment_round_trip_each_dtype_non_contiguous(dtype_name: str) -> None:
     assert torch.equal(got.hidden.view(torch.uint8), hidden.contiguous().view(torch.uint8))
 
 
-@DECODE_BROKEN
 @FAST
 @given(st.one_of(prunes, releases, stage_errors), st.booleans())
 def test_control_messages_round_trip(message, over_wire: bool) -> None:
@@ -170,7 +148,6 @@ def rejected(frames, match: str) -> None:
         decode(frames)
 
 
-@DECODE_BROKEN
 def test_hand_built_segment_header_decodes() -> None:
     # The baseline the rejection tests below mutate must itself be valid.
     got = decode(frames_of(segment_header(), GOOD_HIDDEN))
@@ -198,13 +175,11 @@ def test_no_frames_rejected() -> None:
     rejected([], "empty")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("header", [[1, "segment"], "segment", 7, None], ids=["list", "str", "int", "nil"])
 def test_header_that_is_not_a_map_rejected(header) -> None:
     rejected([msgpack.packb(header)], "map")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("version", [0, 2, SCHEMA_VERSION + 100, "1", None, -1])
 def test_wrong_schema_version_rejected(version) -> None:
     rejected(frames_of(segment_header(v=version), GOOD_HIDDEN), "schema version")
@@ -212,40 +187,30 @@ def test_wrong_schema_version_rejected(version) -> None:
     rejected(frames_of(header), "schema version")
 
 
-@DECODE_BROKEN
 def test_missing_schema_version_rejected() -> None:
     rejected(frames_of({"kind": "release", "req": 1}), "schema version")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("kind", ["segments", "Segment", "", "hello", 3, None])
 def test_unknown_kind_rejected(kind) -> None:
     rejected(frames_of({"v": SCHEMA_VERSION, "kind": kind, "req": 1}), "kind")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("nbytes", [0, 1, 23, 25, 48, 2 * 3 * 2])
 def test_tensor_frame_with_wrong_byte_count_rejected(nbytes: int) -> None:
     rejected(frames_of(segment_header(), bytes(nbytes)), "bytes")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("dtype_name", ["float64", "int8", "uint8", "bool", "FLOAT32", "", 4, None])
 def test_unknown_dtype_rejected(dtype_name) -> None:
     rejected(frames_of(segment_header(tensors=[[dtype_name, [2, 3]]]), GOOD_HIDDEN), "dtype")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol._frame_to_tensor tests `dtype_name not in DTYPES` on an unhashable msgpack "
-    "array/map and raises TypeError instead of ProtocolError",
-)
 @pytest.mark.parametrize("dtype_name", [["float32"], {"a": 1}], ids=["list", "map"])
 def test_unhashable_dtype_rejected(dtype_name) -> None:
     rejected(frames_of(segment_header(tensors=[[dtype_name, [2, 3]]]), GOOD_HIDDEN), "dtype")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize(
     "shape",
     [[6], [1, 2, 3], [], [2, 3, 1], [[2], [3]], [2, -3], [2.0, 3], [True, 3], "2x3", None],
@@ -254,17 +219,11 @@ def test_bad_shape_rejected(shape) -> None:
     rejected(frames_of(segment_header(tensors=[["float32", shape]]), GOOD_HIDDEN), "shape")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol._frame_to_tensor accepts a zero-element shape with a dimension >= 2**63 and "
-    "torch.empty raises TypeError (overflow) instead of ProtocolError",
-)
 def test_zero_size_shape_with_overflowing_dimension_rejected() -> None:
     header = segment_header(ids=[], parents=[], pos=[], tensors=[["float32", [0, 2**64 - 1]]])
     rejected(frames_of(header, b""), "shape")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize(
     "spec",
     [["float32"], ["float32", [2, 3], "extra"], "float32", None, {"dtype": "float32"}],
@@ -273,7 +232,6 @@ def test_bad_tensor_spec_rejected(spec) -> None:
     rejected(frames_of(segment_header(tensors=[spec]), GOOD_HIDDEN), "tensor spec|dtype")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize(
     "field, value",
     [("ids", [0]), ("ids", [0, 1, 2]), ("parents", [-1]), ("pos", [4, 5, 6]), ("ids", [])],
@@ -282,7 +240,6 @@ def test_mismatched_row_counts_rejected(field: str, value: list[int]) -> None:
     rejected(frames_of(segment_header(**{field: value}), GOOD_HIDDEN), "rows disagree")
 
 
-@DECODE_BROKEN
 def test_hidden_rows_disagreeing_with_ids_rejected() -> None:
     header = segment_header(tensors=[["float32", [3, 2]]])
     rejected(frames_of(header, GOOD_HIDDEN), "rows disagree")
@@ -302,7 +259,7 @@ def test_oversized_message_rejected(monkeypatch, limit: int) -> None:
     assert sum(memoryview(f).nbytes for f in small) <= limit
     try:
         decode(small)
-    except ProtocolError as exc:  # only the msgpack bug (DECODE_BROKEN) may reject it, not the size check
+    except ProtocolError as exc:  # may fail for other reasons, but not for its size
         assert "exceeds" not in str(exc)
     big = encode(Segment(1, 0, False, (0,), (-1,), (0,), torch.zeros(1, limit)))
     rejected(big, "exceeds")
@@ -319,7 +276,6 @@ def test_oversized_message_at_real_limit_rejected() -> None:
     rejected([msgpack.packb(segment_header()), *([chunk] * count)], "exceeds")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize(
     "field, value",
     [
@@ -338,14 +294,12 @@ def test_non_integer_row_fields_rejected(field: str, value) -> None:
     rejected(frames_of(segment_header(**{field: value}), GOOD_HIDDEN), repr(field))
 
 
-@DECODE_BROKEN
 def test_missing_row_field_rejected() -> None:
     header = segment_header()
     del header["parents"]
     rejected(frames_of(header, GOOD_HIDDEN), "'parents'")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("request_id", [-1, -(2**40), 2**62, 1.0, "1", None, True, [1]])
 def test_bad_request_id_rejected(request_id) -> None:
     rejected(frames_of(segment_header(req=request_id), GOOD_HIDDEN), "'req'")
@@ -354,19 +308,16 @@ def test_bad_request_id_rejected(request_id) -> None:
     rejected(frames_of(prune), "'req'")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("value", [-1, 1.5, None, "0"])
 def test_bad_sequence_number_rejected(value) -> None:
     rejected(frames_of(segment_header(seq=value), GOOD_HIDDEN), "'seq'")
 
 
-@DECODE_BROKEN
 @pytest.mark.parametrize("commit", [None, 1, 0, "yes"])
 def test_non_boolean_commit_rejected(commit) -> None:
     rejected(frames_of(segment_header(commit=commit), GOOD_HIDDEN), "commit")
 
 
-@DECODE_BROKEN
 def test_prune_fields_validated() -> None:
     base = {"v": SCHEMA_VERSION, "kind": "prune", "req": 1, "version": 3, "accepted": [1, 2], "survivors": [3]}
     assert decode(frames_of(base)) == Prune(1, 3, (1, 2), (3,))
@@ -375,7 +326,6 @@ def test_prune_fields_validated() -> None:
     rejected(frames_of({**base, "survivors": None}), "'survivors'")
 
 
-@DECODE_BROKEN
 def test_error_fields_validated() -> None:
     base = {"v": SCHEMA_VERSION, "kind": "error", "req": 1, "node": "stage1", "reason": "boom"}
     assert decode(frames_of(base)) == StageError(1, "stage1", "boom")
@@ -384,7 +334,6 @@ def test_error_fields_validated() -> None:
     rejected(frames_of({k: v for k, v in base.items() if k != "reason"}), "'reason'")
 
 
-@DECODE_BROKEN
 def test_extra_frames_rejected() -> None:
     rejected(frames_of(segment_header(), GOOD_HIDDEN, GOOD_HIDDEN), "frames follow")
     rejected(frames_of({"v": SCHEMA_VERSION, "kind": "release", "req": 1}, b"x"), "frames follow")
@@ -392,18 +341,15 @@ def test_extra_frames_rejected() -> None:
     rejected(encode(StageError(1, "s", "r")) + [b"abc"], "frames follow")
 
 
-@DECODE_BROKEN
 def test_missing_tensor_frame_rejected() -> None:
     rejected(frames_of(segment_header()), "frames follow")
 
 
-@DECODE_BROKEN
 def test_tensors_on_a_control_message_rejected() -> None:
     header = {"v": SCHEMA_VERSION, "kind": "release", "req": 1, "tensors": [["float32", [0, 0]]]}
     rejected(frames_of(header, b""), "carries no tensors")
 
 
-@DECODE_BROKEN
 def test_segment_with_two_tensors_rejected() -> None:
     header = segment_header(tensors=[["float32", [2, 3]], ["float32", [2, 3]]])
     rejected(frames_of(header, GOOD_HIDDEN, GOOD_HIDDEN), "exactly one tensor")
@@ -412,27 +358,7 @@ def test_segment_with_two_tensors_rejected() -> None:
 # -- fuzz: decode or ProtocolError, never anything else ------------------------------------------
 
 
-def _hits_known_bug(frames) -> bool:
-    """Headers that reach one of the two known non-ProtocolError escapes, each covered by its own
-    strict xfail test above (test_unhashable_dtype_rejected and
-    test_zero_size_shape_with_overflowing_dimension_rejected); drop this filter once they are fixed."""
-    try:
-        header = msgpack.unpackb(frames[0])
-    except Exception:  # not msgpack at all: decode must reject it, which the fuzz checks
-        return False
-    specs = header.get("tensors") if isinstance(header, dict) else None
-    for spec in specs if isinstance(specs, list) else ():
-        if isinstance(spec, list) and len(spec) == 2:
-            dtype_name, shape = spec
-            if isinstance(dtype_name, (list, dict)):
-                return True
-            if isinstance(shape, list) and any(type(d) is int and d >= 2**63 for d in shape):
-                return True
-    return False
-
-
 def decode_or_protocol_error(frames) -> None:
-    assume(not _hits_known_bug(frames))
     try:
         message = decode(frames)
     except ProtocolError:
@@ -553,7 +479,6 @@ def test_fuzz_segment_tensor_specs(dtype_name, shape, data) -> None:
     decode_or_protocol_error(frames_of(header, bytes(size)))
 
 
-@DECODE_BROKEN
 @FAST
 @given(st.one_of(segments(), prunes, releases, stage_errors), st.data())
 def test_fuzz_mutated_valid_messages(message, data) -> None:

@@ -8,22 +8,6 @@ from hypothesis import strategies as st
 
 from flowspec_zmq.tree import ROOT_PARENT, DraftTree, Node, TokenTree
 
-def _reroot_rebases_descendants() -> bool:
-    """True once TokenTree._reroot rebases the whole kept subtree. While false, _reroot subtracts
-    the new root's depth and score from the new root first (it is the first node of its own
-    subtree), then subtracts the now-zero values from every descendant, which keep stale ones."""
-    tree = TokenTree(0, 0)
-    a = tree.add_child(tree.root, 1, -1.0)
-    b = tree.add_child(a, 2, -2.0)
-    tree.mark_sent([tree.nodes[tree.root]])
-    tree.set_targets([tree.root], [1])
-    tree.verify()
-    return (tree.nodes[b].depth, tree.nodes[b].score) == (1, -1.0)
-
-
-# While the bug above is present the property tests check everything it does not touch, and
-# test_reroot_rebases_descendants (strict xfail) pins the bug itself.
-REROOT_REBASES = _reroot_rebases_descendants()
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VOCAB = 4  # few tokens: drafts collide with each other and targets often match a child
@@ -78,10 +62,7 @@ def check_structure(tree: TokenTree) -> None:
         if node.id == tree.root:
             continue
         parent = tree.nodes[node.parent]  # every parent is alive: the tree is connected
-        if REROOT_REBASES or node.parent != tree.root:
-            assert node.depth == parent.depth + 1
-        else:
-            assert node.depth >= 1
+        assert node.depth == parent.depth + 1
         assert node.position == parent.position + 1
         assert parent.children.get(node.token) == node.id
     for node in tree.nodes.values():
@@ -252,9 +233,8 @@ def run_session(session, check_order_is_score_order: bool) -> None:
             for i, node in tree.nodes.items():
                 depth, position, score, sent, token = old_nodes[i]
                 assert (node.position, node.sent, node.token) == (position, sent, token)
-                if REROOT_REBASES or i == tree.root:
-                    assert node.depth == depth - base_depth
-                    assert node.score == score - base_score
+                assert node.depth == depth - base_depth
+                assert node.score == score - base_score
         assert set(advance.survivors) == {i for i, n in tree.nodes.items() if n.sent}
         assert len(advance.survivors) == len(set(advance.survivors))
         ever_seen |= set(tree.nodes)
@@ -368,11 +348,6 @@ def test_hand_built_partial_acceptance_reroots_into_an_in_flight_child() -> None
     assert tree.unsent() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TokenTree._reroot rebases the new root before its descendants, so they keep their old "
-    "depth and score (depth != parent depth + 1, scores not relative to the new root)",
-)
 def test_reroot_rebases_descendants() -> None:
     tree, n = hand_built()
     tree.mark_sent(tree.unsent()[:4])  # root, 1, 5, 2

@@ -1,0 +1,311 @@
+"""topology.toml: which model, which nodes where, which layers each stage runs, request defaults.
+
+Parsed with tomllib into frozen dataclasses. Every mistake is a TopologyError naming the file and
+the key, e.g. `topology.toml: nodes[2].port: duplicate port 5610 (also nodes[1] 'stage1')`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from .emulation import DeviceProfile, LinkProfile
+
+Role = Literal["head", "stage"]
+DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("ar", "tree", "specpipe", "flowspec")
+DRAFTS = ("int8", "bf16", "ngram")
+
+
+class TopologyError(ValueError):
+    """A topology file that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str
+    dtype: str = "float32"
+    max_context: int = 2048
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    mode: str = "flowspec"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    draft: str = "int8"
+    tree_total_tokens: int = 64
+    tree_depth: int = 5
+    tree_top_k: int = 8
+    segment_size: int = 16
+    prefill_chunk: int = 64
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    role: Role
+    host: str
+    port: int
+    layers: tuple[int, int] | None = None  # None: an even share of the layers nobody claimed
+    client_port: int | None = None
+    control_port: int | None = None
+    profile: DeviceProfile | None = None  # emulate this device's speed (stages only)
+
+
+@dataclass(frozen=True)
+class Topology:
+    model: ModelConfig
+    decoding: DecodingConfig
+    nodes: tuple[NodeConfig, ...]
+    link: LinkProfile | None = None  # emulate these links on every hop
+    path: str = "<string>"
+
+    @property
+    def head(self) -> NodeConfig:
+        return next(n for n in self.nodes if n.role == "head")
+
+    @property
+    def stages(self) -> tuple[NodeConfig, ...]:
+        return tuple(n for n in self.nodes if n.role == "stage")
+
+    def node(self, name: str) -> NodeConfig:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"{self.path}: no node named {name!r}; nodes are {', '.join(n.name for n in self.nodes)}")
+
+    def next_hop(self, name: str) -> NodeConfig:
+        ring = [self.head, *self.stages]
+        index = [n.name for n in ring].index(self.node(name).name)
+        return ring[(index + 1) % len(ring)]
+
+    def layer_windows(self, num_layers: int) -> dict[str, tuple[int, int]]:
+        """Each stage's [first, last) layers; "auto" stages split the unclaimed layers evenly, in
+        file order, earlier stages taking the remainder."""
+        stages = self.stages
+        claimed = sorted((n.layers, n.name) for n in stages if n.layers is not None)
+        for (start, end), name in claimed:
+            if end > num_layers:
+                raise TopologyError(f"{self.path}: node {name!r}: layers [{start}, {end}) beyond the model's {num_layers}")
+        for ((_, end_a), a), ((start_b, _), b) in zip(claimed, claimed[1:]):
+            if start_b < end_a:
+                raise TopologyError(f"{self.path}: nodes {a!r} and {b!r}: layer windows overlap")
+        auto = [n.name for n in stages if n.layers is None]
+        free = [i for i in range(num_layers) if not any(s <= i < e for (s, e), _ in claimed)]
+        if len(free) < len(auto):
+            raise TopologyError(f"{self.path}: {len(auto)} auto stages but only {len(free)} unclaimed layers")
+        windows = {name: layers for layers, name in claimed}
+        share, extra = divmod(len(free), len(auto)) if auto else (0, 0)
+        cursor = 0
+        for i, name in enumerate(auto):
+            size = share + (1 if i < extra else 0)
+            chunk = free[cursor : cursor + size]
+            if chunk != list(range(chunk[0], chunk[-1] + 1)):
+                raise TopologyError(f"{self.path}: node {name!r}: its auto share of layers {chunk} is not contiguous")
+            windows[name] = (chunk[0], chunk[-1] + 1)
+            cursor += size
+        if free[cursor:]:
+            raise TopologyError(f"{self.path}: layers {free[cursor:]} belong to no stage")
+        order = sorted(windows.values())
+        if order[0][0] != 0 or any(a[1] != b[0] for a, b in zip(order, order[1:])) or order[-1][1] != num_layers:
+            raise TopologyError(f"{self.path}: layer windows {order} do not cover 0..{num_layers} exactly once")
+        ring_order = [windows[n.name] for n in stages]
+        if ring_order != order:
+            raise TopologyError(f"{self.path}: stages must hold consecutive layers in ring (file) order, got {ring_order}")
+        return windows
+
+
+class _Reader:
+    """Typed access to one TOML table, naming the key path in every error."""
+
+    def __init__(self, path: str, where: str, table: Any) -> None:
+        self.path, self.where = path, where
+        if not isinstance(table, dict):
+            self.fail("", "must be a table")
+        self.table = table
+
+    def fail(self, key: str, problem: str) -> None:
+        place = f"{self.where}.{key}" if key else self.where
+        raise TopologyError(f"{self.path}: {place}: {problem}")
+
+    def only(self, allowed: set[str]) -> None:
+        for key in self.table:
+            if key not in allowed:
+                self.fail(key, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., choices: tuple = ()) -> Any:
+        if key not in self.table:
+            if default is ...:
+                self.fail(key, "missing")
+            return default
+        value = self.table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            self.fail(key, f"must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        if choices and value not in choices:
+            self.fail(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+
+    def positive(self, key: str, default: Any, kind: type = int) -> Any:
+        value = self.get(key, kind if kind is int else (int, float), default)
+        if value <= 0:
+            self.fail(key, f"must be positive, got {value}")
+        return value
+
+
+def _port(reader: _Reader, key: str, required: bool) -> int | None:
+    value = reader.get(key, int, ... if required else None)
+    if value is not None and not 1 <= value <= 65535:
+        reader.fail(key, f"port {value} is outside 1..65535")
+    return value
+
+
+def _model(path: str, table: Any) -> ModelConfig:
+    r = _Reader(path, "model", table)
+    r.only({f.name for f in fields(ModelConfig)})
+    return ModelConfig(r.get("source", str), r.get("dtype", str, "float32", DTYPES), r.positive("max_context", 2048))
+
+
+def _decoding(path: str, table: Any) -> DecodingConfig:
+    r = _Reader(path, "decoding", table)
+    r.only({f.name for f in fields(DecodingConfig)})
+    d = DecodingConfig()
+    temperature = float(r.get("temperature", (int, float), d.temperature))
+    if temperature < 0:
+        r.fail("temperature", "must be >= 0")
+    top_p = float(r.get("top_p", (int, float), d.top_p))
+    if not 0 < top_p <= 1:
+        r.fail("top_p", "must be in (0, 1]")
+    top_k = r.get("top_k", int, d.top_k)
+    if top_k < 0:
+        r.fail("top_k", "must be >= 0")
+    return DecodingConfig(
+        mode=r.get("mode", str, d.mode, MODES),
+        max_new_tokens=r.positive("max_new_tokens", d.max_new_tokens),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=r.get("seed", int, d.seed),
+        draft=r.get("draft", str, d.draft, DRAFTS),
+        tree_total_tokens=r.positive("tree_total_tokens", d.tree_total_tokens),
+        tree_depth=r.positive("tree_depth", d.tree_depth),
+        tree_top_k=r.positive("tree_top_k", d.tree_top_k),
+        segment_size=r.positive("segment_size", d.segment_size),
+        prefill_chunk=r.positive("prefill_chunk", d.prefill_chunk),
+    )
+
+
+def _profile(path: str, where: str, table: Any) -> DeviceProfile:
+    r = _Reader(path, where, table)
+    r.only({"fixed_ms", "per_token_ms"})
+    return DeviceProfile(float(r.positive("fixed_ms", ..., float)), float(r.positive("per_token_ms", ..., float)))
+
+
+def _link(path: str, table: Any) -> LinkProfile:
+    r = _Reader(path, "link", table)
+    r.only({"bandwidth_mbps", "delay_ms"})
+    bandwidth = float(r.get("bandwidth_mbps", (int, float), 0.0))
+    delay = float(r.get("delay_ms", (int, float), 0.0))
+    if bandwidth < 0 or delay < 0:
+        r.fail("", "bandwidth_mbps and delay_ms must be >= 0")
+    return LinkProfile(bandwidth, delay)
+
+
+def _node(path: str, index: int, table: Any) -> NodeConfig:
+    r = _Reader(path, f"nodes[{index}]", table)
+    r.only({f.name for f in fields(NodeConfig)})
+    name = r.get("name", str)
+    role = r.get("role", str, ..., ("head", "stage"))
+    layers_value = r.get("layers", (str, list), None)
+    layers: tuple[int, int] | None = None
+    if role == "head":
+        if layers_value is not None:
+            r.fail("layers", "the head holds no decoder layers")
+        if "profile" in r.table:
+            r.fail("profile", "only stages are paced to a device profile")
+    else:
+        for key in ("client_port", "control_port"):
+            if key in r.table:
+                r.fail(key, "only the head has this port")
+        if isinstance(layers_value, list):
+            if len(layers_value) != 2 or not all(type(v) is int for v in layers_value) or not 0 <= layers_value[0] < layers_value[1]:
+                r.fail("layers", f'must be "auto" or [start, end) with 0 <= start < end, got {layers_value!r}')
+            layers = (layers_value[0], layers_value[1])
+        elif layers_value not in (None, "auto"):
+            r.fail("layers", f'must be "auto" or [start, end), got {layers_value!r}')
+    return NodeConfig(
+        name=name,
+        role=role,
+        host=r.get("host", str),
+        port=_port(r, "port", True),
+        layers=layers,
+        client_port=_port(r, "client_port", role == "head"),
+        control_port=_port(r, "control_port", role == "head"),
+        profile=_profile(path, f"nodes[{index}].profile", r.table["profile"]) if "profile" in r.table else None,
+    )
+
+
+def _check_nodes(path: str, nodes: list[NodeConfig]) -> None:
+    heads = [i for i, n in enumerate(nodes) if n.role == "head"]
+    if len(heads) != 1:
+        raise TopologyError(f"{path}: nodes: need exactly one node with role = \"head\", found {len(heads)}")
+    if len(nodes) < 2:
+        raise TopologyError(f"{path}: nodes: need at least one stage")
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[tuple[str, int], tuple[int, str]] = {}
+    for i, node in enumerate(nodes):
+        if node.name in seen_names:
+            raise TopologyError(f"{path}: nodes[{i}].name: duplicate name {node.name!r} (also nodes[{seen_names[node.name]}])")
+        seen_names[node.name] = i
+        for key in ("port", "client_port", "control_port"):
+            port = getattr(node, key)
+            if port is None:
+                continue
+            if (node.host, port) in seen_ports:
+                other, other_name = seen_ports[node.host, port]
+                raise TopologyError(
+                    f"{path}: nodes[{i}].{key}: duplicate port {port} on {node.host} (also used by nodes[{other}] {other_name!r})"
+                )
+            seen_ports[node.host, port] = (i, node.name)
+
+
+def parse_topology(text: str, path: str = "<string>") -> Topology:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"{path}: not valid TOML: {exc}") from None
+    root = _Reader(path, "topology", data)
+    root.only({"model", "decoding", "nodes", "link"})
+    if "model" not in data:
+        root.fail("model", "missing")
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list):
+        raise TopologyError(f"{path}: nodes: missing; add [[nodes]] tables")
+    nodes = [_node(path, i, table) for i, table in enumerate(raw_nodes)]
+    _check_nodes(path, nodes)
+    return Topology(
+        model=_model(path, data["model"]),
+        decoding=_decoding(path, data.get("decoding", {})),
+        nodes=tuple(nodes),
+        link=_link(path, data["link"]) if "link" in data else None,
+        path=path,
+    )
+
+
+def load_topology(path: Path | str) -> Topology:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read the topology file: {exc.strerror}") from None
+    return parse_topology(text, str(path))
+
+
+def default_topology_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "topology.toml"
