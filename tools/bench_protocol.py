@@ -10,7 +10,7 @@ the way ring nodes do. Each message carries one segment of hidden states (`token
 Latency is the round trip with one message in flight (per hop = RTT / 2). Throughput keeps a window
 of messages in flight and counts deliveries per second on each link (both links carry the same rate).
 
-    python -m tools.bench_protocol            # about a minute
+    python -m tools.bench_protocol            # about 35 s
     python -m tools.bench_protocol --quick    # a few seconds
 """
 
@@ -33,6 +33,7 @@ import torch
 import uvloop
 import zmq
 import zmq.asyncio
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -52,10 +53,11 @@ STARTUP_TIMEOUT_S = 60.0
 class Settings:
     hidden: int
     dtype: str
-    round_trips: int
-    warmup: int
+    round_trips: int  # timed, per variant and size, over all rounds
+    warmup: int  # untimed round trips before each round's latency run
     window: int
-    seconds: float
+    seconds: float  # throughput time per variant and size, over all rounds
+    rounds: int  # the variants alternate this many times per size, so drift in load hits both alike
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,8 @@ async def measure_latency(peer: Peer, round_trips: int, warmup: int) -> list[flo
     return times
 
 
-async def measure_throughput(peer: Peer, window: int, seconds: float) -> float:
-    """Deliveries per second in steady state with `window` messages in flight."""
+async def measure_throughput(peer: Peer, window: int, seconds: float) -> tuple[int, float]:
+    """Deliveries and the seconds they took, in steady state with `window` messages in flight."""
     for seq in range(window):
         await peer.send(seq)
     # The first `window` deliveries fill the pipeline; timing starts after them.
@@ -229,7 +231,7 @@ async def measure_throughput(peer: Peer, window: int, seconds: float) -> float:
     elapsed = time.perf_counter() - start
     for _ in range(window):
         await peer.receive()
-    return delivered / elapsed
+    return delivered, elapsed
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -239,8 +241,9 @@ def _percentile(values: list[float], q: float) -> float:
 async def _start_echo(context: zmq.asyncio.Context, variant: Variant) -> tuple[Peer, multiprocessing.Process]:
     pull, push = _sockets(context)
     sender_port = pull.bind_to_random_port(f"tcp://{HOST}")
-    receiver, reporter = multiprocessing.get_context("spawn").Pipe(duplex=False)
-    process = multiprocessing.get_context("spawn").Process(
+    spawn = multiprocessing.get_context("spawn")
+    receiver, reporter = spawn.Pipe(duplex=False)
+    process = spawn.Process(
         target=_echo_process, args=(variant, sender_port, reporter, os.getpid()), name=f"echo-{variant}", daemon=True
     )
     process.start()
@@ -264,24 +267,36 @@ async def _benchmark(settings: Settings, progress: Progress) -> list[Result]:
     started = await asyncio.gather(*(_start_echo(context, v) for v in VARIANTS))
     peers = {v: peer for v, (peer, _) in zip(VARIANTS, started)}
     processes = [process for _, process in started]
-    task = progress.add_task("measuring", total=len(TOKENS) * len(VARIANTS))
+    task = progress.add_task("measuring", total=len(TOKENS) * settings.rounds)
+
+    async def measure(tokens: int) -> list[Result]:
+        hidden = torch.randn(tokens, settings.hidden).to(DTYPES[settings.dtype])
+        sizes = {variant: peer.prepare(hidden) for variant, peer in peers.items()}
+        rtts: dict[Variant, list[float]] = {variant: [] for variant in VARIANTS}
+        delivered, elapsed = dict.fromkeys(VARIANTS, 0), dict.fromkeys(VARIANTS, 0.0)
+        for round_ in range(settings.rounds):
+            progress.update(task, description=f"{tokens:>2} tokens, round {round_ + 1}/{settings.rounds}")
+            order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]
+            for variant in order:
+                peer = peers[variant]
+                rtts[variant] += await measure_latency(peer, settings.round_trips // settings.rounds, settings.warmup)
+                count, seconds = await measure_throughput(peer, settings.window, settings.seconds / settings.rounds)
+                delivered[variant] += count
+                elapsed[variant] += seconds
+            progress.advance(task)
+        results = []
+        for variant in VARIANTS:
+            median, p90 = statistics.median(rtts[variant]), _percentile(rtts[variant], 0.9)
+            rate = delivered[variant] / elapsed[variant]
+            payload, wire = sizes[variant]
+            results.append(Result(variant, tokens, payload, wire, median, p90, median / 2, p90 / 2, rate,
+                                  rate * payload / 1e6))
+        return results
 
     async def run_all() -> list[Result]:
         for peer in peers.values():
             await peer.check()
-        results = []
-        dtype = DTYPES[settings.dtype]
-        for tokens in TOKENS:
-            hidden = torch.randn(tokens, settings.hidden).to(dtype)
-            for variant, peer in peers.items():
-                progress.update(task, description=f"{variant:>8} x {tokens:>2} tokens")
-                payload, wire = peer.prepare(hidden)
-                rtts = await measure_latency(peer, settings.round_trips, settings.warmup)
-                rate = await measure_throughput(peer, settings.window, settings.seconds)
-                median, p90 = statistics.median(rtts), _percentile(rtts, 0.9)
-                results.append(Result(variant, tokens, payload, wire, median, p90, median / 2, p90 / 2,
-                                      rate, rate * payload / 1e6))
-                progress.advance(task)
+        results = [result for tokens in TOKENS for result in await measure(tokens)]
         for peer in peers.values():
             await peer.stop()
         return results
@@ -320,21 +335,28 @@ def overheads(results: list[Result]) -> list[dict[str, float]]:
 
 
 def _table(settings: Settings, results: list[Result], ratios: list[dict[str, float]]) -> Table:
-    table = Table(title=f"Per-hop cost, hidden {settings.hidden} x {settings.dtype}, TCP 127.0.0.1, "
-                        f"{settings.round_trips} round trips, window {settings.window}")
-    for name in ("tokens", "KiB", "variant", "hop p50 µs", "hop p90 µs", "msg/s", "MB/s", "lat ×", "+µs/hop",
-                 "thr ×"):
-        table.add_column(name, justify="left" if name == "variant" else "right")
+    table = Table(
+        title=f"Per hop, {settings.hidden} x {settings.dtype} rows, TCP 127.0.0.1, window {settings.window}",
+        caption="hop = RTT/2 over {} round trips; msg/s and MB/s per link; × = flowspec / raw".format(
+            settings.round_trips),
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
+    for name in ("tok", "KiB"):
+        table.add_column(name, justify="right")
+    table.add_column("variant", min_width=len("flowspec"))
+    for name in ("p50 µs", "p90 µs", "msg/s", "MB/s", "lat×", "+µs", "thr×"):
+        table.add_column(name, justify="right")
     ratio_of = {row["tokens"]: row for row in ratios}
     for r in results:
-        ratio = ratio_of[r.tokens]
-        ours = r.variant == "flowspec"
+        first, ratio = r.variant == "raw", ratio_of[r.tokens]
         table.add_row(
-            str(r.tokens) if not ours else "", f"{r.payload_bytes / 1024:.1f}" if not ours else "", r.variant,
-            f"{r.hop_median_us:.1f}", f"{r.hop_p90_us:.1f}", f"{r.msgs_per_s:,.0f}", f"{r.mb_per_s:,.1f}",
-            f"{ratio['hop_latency_ratio']:.2f}" if ours else "", f"{ratio['hop_latency_extra_us']:+.1f}" if ours else "",
-            f"{ratio['throughput_ratio']:.2f}" if ours else "",
-            end_section=ours,
+            str(r.tokens) if first else "", f"{r.payload_bytes / 1024:.1f}" if first else "", r.variant,
+            f"{r.hop_median_us:.1f}", f"{r.hop_p90_us:.1f}", f"{r.msgs_per_s:,.0f}", f"{r.mb_per_s:,.0f}",
+            "" if first else f"{ratio['hop_latency_ratio']:.2f}",
+            "" if first else f"{ratio['hop_latency_extra_us']:+.0f}",
+            "" if first else f"{ratio['throughput_ratio']:.2f}",
+            end_section=not first,
         )
     return table
 
@@ -353,16 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=640, help="hidden width (640 = Gemma-3-270M)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--round-trips", type=int, default=3000, help="timed round trips per size for latency")
+    parser.add_argument("--rounds", type=int, default=6, help="times the variants alternate per size")
     parser.add_argument("--window", type=int, default=32, help="messages in flight for throughput")
     parser.add_argument("--seconds", type=float, default=1.5, help="throughput measuring time per size")
-    parser.add_argument("--quick", action="store_true", help="a few seconds: fewer round trips, shorter windows")
+    parser.add_argument("--quick", action="store_true", help="a few seconds: fewer round trips, shorter throughput runs")
     parser.add_argument("--out", type=Path, default=Path("results/bench_protocol.json"))
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.round_trips < 10 * args.rounds or args.window < 1 or args.seconds <= 0:
+        parser.error("need --rounds >= 1, --round-trips >= 10 x rounds, --window >= 1 and --seconds > 0")
     if args.quick:
-        settings = Settings(args.hidden, args.dtype, 200, 20, args.window, 0.1)
+        settings = Settings(args.hidden, args.dtype, 200, 20, args.window, 0.1, 2)
     else:
-        settings = Settings(args.hidden, args.dtype, args.round_trips, max(100, args.round_trips // 10), args.window,
-                            args.seconds)
+        settings = Settings(args.hidden, args.dtype, args.round_trips, 50, args.window, args.seconds, args.rounds)
     console = Console()
     if reason := _self_check():
         console.print(f"[red]cannot benchmark:[/red] {reason}")
