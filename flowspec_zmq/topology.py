@@ -1,7 +1,8 @@
 """topology.toml: which model, which nodes where, which layers each stage runs, request defaults.
 
 Parsed with tomllib into frozen dataclasses. Every mistake is a TopologyError naming the file and
-the key, e.g. `topology.toml: nodes[2].port: duplicate port 5610 (also nodes[1] 'stage1')`.
+the key, e.g. `topology.toml: nodes[2].port: duplicate port 5610 on 127.0.0.1 (also used by nodes[1]
+'stage1')`.
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, get_args
 
 from .emulation import DeviceProfile, LinkProfile
+from .strategies import MODES, Mode
 
 Role = Literal["head", "stage"]
-DTYPES = ("float32", "bfloat16", "float16")
-MODES = ("ar", "tree", "specpipe", "flowspec")
-DRAFTS = ("int8", "bf16", "ngram")
+Dtype = Literal["float32", "bfloat16", "float16"]
+Draft = Literal["int8", "bf16", "ngram"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+DRAFTS: tuple[str, ...] = get_args(Draft)
 
 
 class TopologyError(ValueError):
@@ -25,20 +28,20 @@ class TopologyError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    source: str
-    dtype: str = "float32"
+    source: str  # a known model name (models.MODELS) or a prepared model directory
+    dtype: Dtype = "float32"
     max_context: int = 2048
 
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    mode: str = "flowspec"
+    mode: Mode = "flowspec"
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
-    draft: str = "int8"
+    draft: Draft = "int8"
     tree_total_tokens: int = 64
     tree_depth: int = 5
     tree_top_k: int = 8
@@ -92,14 +95,14 @@ class Topology:
         claimed = sorted((n.layers, n.name) for n in stages if n.layers is not None)
         for (start, end), name in claimed:
             if end > num_layers:
-                raise TopologyError(f"{self.path}: node {name!r}: layers [{start}, {end}) beyond the model's {num_layers}")
+                self._fail_layers(name, f"[{start}, {end}) goes beyond the model's {num_layers} layers")
         for ((_, end_a), a), ((start_b, _), b) in zip(claimed, claimed[1:]):
             if start_b < end_a:
-                raise TopologyError(f"{self.path}: nodes {a!r} and {b!r}: layer windows overlap")
+                self._fail_layers(b, f"overlaps the window of {a!r} (layers {start_b}..{end_a - 1} claimed twice)")
         auto = [n.name for n in stages if n.layers is None]
         free = [i for i in range(num_layers) if not any(s <= i < e for (s, e), _ in claimed)]
         if len(free) < len(auto):
-            raise TopologyError(f"{self.path}: {len(auto)} auto stages but only {len(free)} unclaimed layers")
+            self._fail_layers(auto[0], f"{len(auto)} auto stages ({', '.join(auto)}) but only {len(free)} unclaimed layers")
         windows = {name: layers for layers, name in claimed}
         share, extra = divmod(len(free), len(auto)) if auto else (0, 0)
         cursor = 0
@@ -107,18 +110,25 @@ class Topology:
             size = share + (1 if i < extra else 0)
             chunk = free[cursor : cursor + size]
             if chunk != list(range(chunk[0], chunk[-1] + 1)):
-                raise TopologyError(f"{self.path}: node {name!r}: its auto share of layers {chunk} is not contiguous")
+                self._fail_layers(name, f"its auto share of layers {chunk} is not contiguous; give the stages around it explicit windows")
             windows[name] = (chunk[0], chunk[-1] + 1)
             cursor += size
-        if free[cursor:]:
-            raise TopologyError(f"{self.path}: layers {free[cursor:]} belong to no stage")
-        order = sorted(windows.values())
-        if order[0][0] != 0 or any(a[1] != b[0] for a, b in zip(order, order[1:])) or order[-1][1] != num_layers:
-            raise TopologyError(f"{self.path}: layer windows {order} do not cover 0..{num_layers} exactly once")
+        if lost := free[cursor:]:  # only when no stage is auto
+            around = " and ".join(f"{n!r} {list(w)}" for n, w in windows.items() if w[1] == lost[0] or w[0] == lost[-1] + 1)
+            self._fail_layers(None, f"layers {lost} belong to no stage{f' (next to {around})' if around else ''}; "
+                             "widen a window or add an auto stage")
         ring_order = [windows[n.name] for n in stages]
-        if ring_order != order:
-            raise TopologyError(f"{self.path}: stages must hold consecutive layers in ring (file) order, got {ring_order}")
+        if ring_order != sorted(ring_order):
+            named = ", ".join(f"{n.name!r} {windows[n.name]}" for n in stages)
+            self._fail_layers(None, f"stages must hold consecutive layers in ring (file) order, got {named}")
         return windows
+
+    def _fail_layers(self, node_name: str | None, problem: str) -> NoReturn:
+        """Raise a TopologyError at `nodes[i].layers` of the named node, or at `nodes` as a whole."""
+        if node_name is None:
+            raise TopologyError(f"{self.path}: nodes: {problem}")
+        index = next(i for i, n in enumerate(self.nodes) if n.name == node_name)
+        raise TopologyError(f"{self.path}: nodes[{index}].layers ({node_name!r}): {problem}")
 
 
 class _Reader:
@@ -130,7 +140,7 @@ class _Reader:
             self.fail("", "must be a table")
         self.table = table
 
-    def fail(self, key: str, problem: str) -> None:
+    def fail(self, key: str, problem: str) -> NoReturn:
         place = f"{self.where}.{key}" if key else self.where
         raise TopologyError(f"{self.path}: {place}: {problem}")
 
@@ -280,13 +290,31 @@ def parse_topology(text: str, path: str = "<string>") -> Topology:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{path}: not valid TOML: {exc}") from None
+    return _build(data, path)
+
+
+def make_local_topology(model_source: str, num_stages: int, base_port: int, **decoding_overrides: Any) -> Topology:
+    """A ring of `num_stages` auto stages, all on 127.0.0.1, for tests and benchmarks.
+
+    Ports are consecutive from `base_port`: the head's ring input, client and control ports, then
+    one per stage. The result is validated exactly like a file, decoding overrides included.
+    """
+    head = {"name": "head", "role": "head", "host": "127.0.0.1", "port": base_port,
+            "client_port": base_port + 1, "control_port": base_port + 2}
+    stages = [{"name": f"stage{i}", "role": "stage", "host": "127.0.0.1", "port": base_port + 2 + i, "layers": "auto"}
+              for i in range(1, num_stages + 1)]
+    data = {"model": {"source": model_source}, "decoding": decoding_overrides, "nodes": [head, *stages]}
+    return _build(data, f"<local topology of {num_stages} stages>")
+
+
+def _build(data: dict[str, Any], path: str) -> Topology:
     root = _Reader(path, "topology", data)
     root.only({"model", "decoding", "nodes", "link"})
     if "model" not in data:
         root.fail("model", "missing")
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list):
-        raise TopologyError(f"{path}: nodes: missing; add [[nodes]] tables")
+        root.fail("nodes", "missing" if raw_nodes is None else "must be an array of tables, written [[nodes]]")
     nodes = [_node(path, i, table) for i, table in enumerate(raw_nodes)]
     _check_nodes(path, nodes)
     return Topology(

@@ -1,0 +1,240 @@
+"""topology.toml parsing: the default file, layer splits, the ring, and a clear error per mistake."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowspec_zmq.emulation import DeviceProfile, LinkProfile
+from flowspec_zmq.topology import (
+    DecodingConfig,
+    TopologyError,
+    default_topology_path,
+    load_topology,
+    make_local_topology,
+    parse_topology,
+)
+
+MODEL = '[model]\nsource = "smollm2-135m"\n'
+HEAD = '[[nodes]]\nname = "head"\nrole = "head"\nhost = "127.0.0.1"\nport = 6000\nclient_port = 6001\ncontrol_port = 6002\n'
+
+
+def stage(name: str, port: int, layers: str = '"auto"', extra: str = "", host: str = "127.0.0.1") -> str:
+    return f'[[nodes]]\nname = "{name}"\nrole = "stage"\nhost = "{host}"\nport = {port}\nlayers = {layers}\n{extra}'
+
+
+def topology(*nodes: str, model: str = MODEL, rest: str = "", head: str = HEAD) -> str:
+    return "\n".join([model, rest, head, *nodes])
+
+
+ONE_STAGE = topology(stage("a", 6010))
+
+
+def test_default_file_is_gemma_on_four_loopback_stages():
+    t = load_topology(default_topology_path())
+    assert t.model.source == "gemma3-270m" and t.model.dtype == "float32"
+    assert t.decoding.mode == "flowspec"
+    assert [n.name for n in t.stages] == ["stage1", "stage2", "stage3", "stage4"]
+    assert {n.host for n in t.nodes} == {"127.0.0.1"}
+    assert all(n.layers is None for n in t.stages)
+    assert t.layer_windows(18) == {"stage1": (0, 5), "stage2": (5, 10), "stage3": (10, 14), "stage4": (14, 18)}
+
+
+def test_missing_decoding_table_gives_the_documented_defaults():
+    d = parse_topology(ONE_STAGE).decoding
+    assert d == DecodingConfig()
+    assert (d.mode, d.max_new_tokens, d.temperature, d.top_k, d.top_p, d.draft) == ("flowspec", 128, 0.0, 0, 1.0, "int8")
+    assert (d.tree_total_tokens, d.tree_depth, d.tree_top_k, d.segment_size, d.prefill_chunk) == (64, 5, 8, 16, 64)
+
+
+def test_integer_temperature_is_read_as_float():
+    assert parse_topology(topology(stage("a", 6010), rest="[decoding]\ntemperature = 1\n")).decoding.temperature == 1.0
+
+
+def test_ring_order_follows_the_file():
+    t = parse_topology(topology(stage("b", 6020), stage("a", 6010), stage("c", 6030)))
+    assert t.head.name == "head"
+    assert [s.name for s in t.stages] == ["b", "a", "c"]
+    assert [t.next_hop(n).name for n in ("head", "b", "a", "c")] == ["b", "a", "c", "head"]
+
+
+def test_unknown_node_name_lists_the_nodes():
+    with pytest.raises(KeyError, match="head, a"):
+        parse_topology(ONE_STAGE).node("z")
+
+
+def test_explicit_windows_and_auto_stages_mix():
+    t = parse_topology(topology(stage("a", 6010, "[0, 4]"), stage("b", 6020), stage("c", 6030)))
+    assert t.layer_windows(30) == {"a": (0, 4), "b": (4, 17), "c": (17, 30)}
+    t = parse_topology(topology(stage("a", 6010), stage("b", 6020), stage("c", 6030, "[12, 18]")))
+    assert t.layer_windows(18) == {"a": (0, 6), "b": (6, 12), "c": (12, 18)}
+
+
+def test_fully_explicit_windows():
+    t = parse_topology(topology(stage("a", 6010, "[0, 1]"), stage("b", 6020, "[1, 18]")))
+    assert t.layer_windows(18) == {"a": (0, 1), "b": (1, 18)}
+
+
+def test_same_port_on_different_hosts_is_fine():
+    t = parse_topology(topology(stage("a", 6010, host="10.0.0.2"), stage("b", 6010, host="10.0.0.3")))
+    assert [s.port for s in t.stages] == [6010, 6010]
+
+
+def test_emulation_settings_parse():
+    t = parse_topology(topology(stage("a", 6010, extra="profile = { fixed_ms = 20.0, per_token_ms = 0.5 }\n"),
+                                rest="[link]\nbandwidth_mbps = 150\ndelay_ms = 3\n"))
+    assert t.node("a").profile == DeviceProfile(20.0, 0.5)
+    assert t.link == LinkProfile(150.0, 3.0)
+
+
+def test_make_local_topology_builds_a_validated_loopback_ring():
+    t = make_local_topology("smollm2-135m", 3, 7000, mode="ar", max_new_tokens=9)
+    assert (t.head.port, t.head.client_port, t.head.control_port) == (7000, 7001, 7002)
+    assert [(s.name, s.host, s.port) for s in t.stages] == [
+        ("stage1", "127.0.0.1", 7003), ("stage2", "127.0.0.1", 7004), ("stage3", "127.0.0.1", 7005)]
+    assert (t.decoding.mode, t.decoding.max_new_tokens, t.decoding.segment_size) == ("ar", 9, 16)
+    assert t.layer_windows(30) == {"stage1": (0, 10), "stage2": (10, 20), "stage3": (20, 30)}
+    assert t.next_hop("stage3") == t.head
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"mode": "warp"}, "decoding.mode: must be one of"),
+        ({"moood": 1}, "decoding.moood: unknown key"),
+        ({"top_p": 2.0}, "decoding.top_p"),
+    ],
+)
+def test_make_local_topology_validates_overrides(overrides, fragment):
+    with pytest.raises(TopologyError, match=None) as error:
+        make_local_topology("smollm2-135m", 2, 7000, **overrides)
+    assert fragment in str(error.value)
+
+
+def test_make_local_topology_needs_a_stage():
+    with pytest.raises(TopologyError, match="at least one stage"):
+        make_local_topology("smollm2-135m", 0, 7000)
+
+
+def _without(text: str, line: str) -> str:
+    assert line in text
+    return text.replace(line, "", 1)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        # unknown keys, in every table
+        (topology(stage("a", 6010), rest="[wat]\n"), "topology.wat: unknown key"),
+        (topology(stage("a", 6010), model=MODEL + "colour = 1\n"), "model.colour: unknown key"),
+        (topology(stage("a", 6010), rest="[decoding]\nmood = 1\n"), "decoding.mood: unknown key"),
+        (topology(stage("a", 6010, extra="colour = 1\n")), "nodes[1].colour: unknown key"),
+        (topology(stage("a", 6010, extra="profile = { fixed_ms = 1, per_token_ms = 1, x = 1 }\n")),
+         "nodes[1].profile.x: unknown key"),
+        (topology(stage("a", 6010), rest="[link]\nbandwidth_mbps = 1\nlatency = 1\n"), "link.latency: unknown key"),
+        # missing required keys
+        (topology(stage("a", 6010), model='[model]\ndtype = "float32"\n'), "model.source: missing"),
+        (topology(stage("a", 6010), model=""), "topology.model: missing"),
+        (MODEL, "topology.nodes: missing"),
+        (MODEL + '[nodes]\nname = "head"\n', "topology.nodes: must be an array of tables"),
+        (_without(ONE_STAGE, 'host = "127.0.0.1"\nport = 6010\n'), "nodes[1].host: missing"),
+        (_without(ONE_STAGE, "port = 6010\n"), "nodes[1].port: missing"),
+        (_without(ONE_STAGE, 'name = "a"\n'), "nodes[1].name: missing"),
+        (_without(ONE_STAGE, "client_port = 6001\n"), "nodes[0].client_port: missing"),
+        (_without(ONE_STAGE, "control_port = 6002\n"), "nodes[0].control_port: missing"),
+        # wrong types
+        (topology(stage("a", '"6010"')), "nodes[1].port: must be int"),
+        (topology(stage("a", 6010), rest='[decoding]\ntemperature = "hot"\n'), "decoding.temperature: must be int or float"),
+        (topology(stage("a", 6010), rest="[decoding]\nmax_new_tokens = true\n"), "decoding.max_new_tokens: must be int"),
+        (topology(stage("a", 6010), rest="[decoding]\nmax_new_tokens = 1.5\n"), "decoding.max_new_tokens: must be int"),
+        (topology(stage("a", 6010), model="[model]\nsource = 3\n"), "model.source: must be str"),
+        (topology(stage("a", 6010), model='decoding = "fast"\n' + MODEL), "my.toml: decoding: must be a table"),
+        # roles, the one head, at least one stage
+        (ONE_STAGE.replace('role = "stage"', 'role = "worker"'), "nodes[1].role: must be one of head, stage"),
+        (topology(stage("a", 6010)).replace('role = "head"', 'role = "stage"').replace(
+            "client_port = 6001\ncontrol_port = 6002\n", ""), "exactly one node with role = \"head\", found 0"),
+        (topology(stage("a", 6010), HEAD.replace('"head"', '"head2"', 1).replace("600", "610")),
+         "exactly one node with role = \"head\", found 2"),
+        (topology(), "need at least one stage"),
+        # names and ports
+        (topology(stage("a", 6010), stage("a", 6020)), "nodes[2].name: duplicate name 'a' (also nodes[1])"),
+        (topology(stage("a", 6010), stage("b", 6010)),
+         "nodes[2].port: duplicate port 6010 on 127.0.0.1 (also used by nodes[1] 'a')"),
+        (topology(stage("a", 6001)), "nodes[1].port: duplicate port 6001 on 127.0.0.1 (also used by nodes[0] 'head')"),
+        (topology(stage("a", 6010), head=HEAD.replace("control_port = 6002", "control_port = 6000")),
+         "nodes[0].control_port: duplicate port 6000"),
+        (topology(stage("a", 70000)), "nodes[1].port: port 70000 is outside 1..65535"),
+        (topology(stage("a", 0)), "nodes[1].port: port 0 is outside"),
+        (topology(stage("a", 6010), head=HEAD.replace("client_port = 6001", "client_port = -1")),
+         "nodes[0].client_port: port -1 is outside"),
+        # choices
+        (topology(stage("a", 6010), model='[model]\nsource = "x"\ndtype = "int3"\n'), "model.dtype: must be one of"),
+        (topology(stage("a", 6010), rest='[decoding]\nmode = "warp"\n'), "decoding.mode: must be one of"),
+        (topology(stage("a", 6010), rest='[decoding]\ndraft = "oracle"\n'), "decoding.draft: must be one of"),
+        # sizes and sampling ranges
+        (topology(stage("a", 6010), model=MODEL + "max_context = 0\n"), "model.max_context: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\nmax_new_tokens = -1\n"), "decoding.max_new_tokens: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\ntree_total_tokens = 0\n"), "decoding.tree_total_tokens: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\ntree_depth = 0\n"), "decoding.tree_depth: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\ntree_top_k = 0\n"), "decoding.tree_top_k: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\nsegment_size = 0\n"), "decoding.segment_size: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\nprefill_chunk = 0\n"), "decoding.prefill_chunk: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\ntop_k = -1\n"), "decoding.top_k: must be >= 0"),
+        (topology(stage("a", 6010), rest="[decoding]\ntemperature = -0.5\n"), "decoding.temperature: must be >= 0"),
+        (topology(stage("a", 6010), rest="[decoding]\ntop_p = 0\n"), "decoding.top_p: must be in (0, 1]"),
+        (topology(stage("a", 6010), rest="[decoding]\ntop_p = 1.5\n"), "decoding.top_p: must be in (0, 1]"),
+        # layers
+        (topology(stage("a", 6010, "[3, 1]")), "nodes[1].layers: must be"),
+        (topology(stage("a", 6010, "[2, 2]")), "nodes[1].layers: must be"),
+        (topology(stage("a", 6010, "[-1, 2]")), "nodes[1].layers: must be"),
+        (topology(stage("a", 6010, "[0, 1, 2]")), "nodes[1].layers: must be"),
+        (topology(stage("a", 6010, "[0.0, 2.0]")), "nodes[1].layers: must be"),
+        (topology(stage("a", 6010, '"half"')), "nodes[1].layers: must be"),
+        (topology(stage("a", 6010), head=HEAD + 'layers = "auto"\n'), "nodes[0].layers: the head holds no decoder layers"),
+        (topology(stage("a", 6010, extra="client_port = 7000\n")), "nodes[1].client_port: only the head has this port"),
+        (topology(stage("a", 6010, extra="control_port = 7000\n")), "nodes[1].control_port: only the head has this port"),
+        # syntax
+        ("[model\nsource=", "not valid TOML"),
+    ],
+)
+def test_each_mistake_names_its_key(text, fragment):
+    with pytest.raises(TopologyError, match=None) as error:
+        parse_topology(text, "my.toml")
+    message = str(error.value)
+    assert message.startswith("my.toml: ") and fragment in message, message
+
+
+@pytest.mark.parametrize(
+    "layers, fragment",
+    [
+        (("[0, 10]", "[5, 30]"), "nodes[2].layers ('b'): overlaps the window of 'a'"),
+        (("[0, 10]", "[12, 30]"), "layers [10, 11] belong to no stage (next to 'a' [0, 10] and 'b' [12, 30])"),
+        (("[0, 10]", "[10, 40]"), "nodes[2].layers ('b'): [10, 40) goes beyond the model's 30 layers"),
+        (("[20, 30]", "[0, 20]"), "ring (file) order, got 'a' (20, 30), 'b' (0, 20)"),
+        (('"auto"', "[5, 10]"), "nodes[1].layers ('a'): its auto share of layers"),
+        (("[0, 29]", '"auto"', '"auto"'), "2 auto stages (b, c) but only 1 unclaimed layers"),
+    ],
+)
+def test_bad_layer_windows_name_the_nodes(layers, fragment):
+    stages = [stage(name, 6010 + i, window) for i, (name, window) in enumerate(zip("abc", layers))]
+    t = parse_topology(topology(*stages), "my.toml")
+    with pytest.raises(TopologyError, match=None) as error:
+        t.layer_windows(30)
+    message = str(error.value)
+    assert message.startswith("my.toml: nodes") and fragment in message, message
+
+
+def test_more_auto_stages_than_layers_is_an_error():
+    with pytest.raises(TopologyError, match="4 auto stages"):
+        make_local_topology("smollm2-135m", 4, 7000).layer_windows(3)
+
+
+def test_missing_topology_file_is_a_clear_error(tmp_path):
+    with pytest.raises(TopologyError, match="nope.toml: cannot read"):
+        load_topology(tmp_path / "nope.toml")
+
+
+def test_syntax_error_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[model]\nsource = \n")
+    with pytest.raises(TopologyError, match=r"broken\.toml: not valid TOML"):
+        load_topology(path)
