@@ -13,6 +13,7 @@ import torch
 import zmq
 
 from flowspec_zmq.client import Client, GenerationFailed
+from flowspec_zmq.head_node import prompt_ids
 from flowspec_zmq.model_slices import load_full_model
 from flowspec_zmq.protocol import SCHEMA_VERSION, Segment, encode
 from flowspec_zmq.reference import reference_greedy
@@ -39,8 +40,7 @@ def complete(cluster, prompt=None, **options):
 @pytest.mark.parametrize("mode", MODES)
 def test_eos_inside_a_segment_stops_exactly_there(ring, model_dir, tokenizer, mode):
     messages = [{"role": "user", "content": "Reply with the single word: yes"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    ids = prompt_ids(tokenizer, {"messages": messages})  # the head's own chat-template path
     eos = tokenizer.eos_token_id
     want = reference_greedy(model_dir, ids, 40, eos_ids=[eos])
     assert want[-1] == eos and len(want) < 40, "the prompt should make the model stop by itself"
