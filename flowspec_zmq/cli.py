@@ -98,7 +98,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import LocalCluster, NodeDied
 
-    cluster = LocalCluster(args.topology or default_topology_path(), names=args.nodes or None)
+    cluster = LocalCluster(args.topology or default_topology_path(), names=args.nodes or None,
+                           restart_limit=args.restarts)
     print(f"starting {', '.join(cluster.names)} (logs in {cluster.log_dir})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     cluster.start()
@@ -107,8 +108,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         cluster.wait_ready(on_ready=lambda name: print(f"  {name} ready after {time.monotonic() - started:.1f} s", flush=True))
         print("all nodes ready; Ctrl-C stops them", flush=True)
         while True:
-            cluster.check()
-            time.sleep(0.5)
+            for name in cluster.check():
+                print(f"  {name} died; restarted it (the head re-prefills its cache)", flush=True)
+            time.sleep(0.2)
     except NodeDied as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     launch = commands.add_parser("launch", help="start every node of the topology that lives on this machine")
     launch.add_argument("topology", nargs="?", type=Path)
     launch.add_argument("--nodes", nargs="*", help="only these nodes")
+    launch.add_argument("--restarts", type=int, default=3, help="restarts allowed per node before giving up")
     launch.set_defaults(run=cmd_launch)
 
     node = commands.add_parser("node", help="run one node (one command per host)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +28,18 @@ from .draft import DraftSource, NoDraft, TreeShape, make_draft_source
 from .model_slices import HeadModel
 from .protocol import Message, StageError
 from .sampling import SamplingParams
-from .scheduler import ANY_REQUEST, GenerationError, GenerationRequest, GenerationStats, Scheduler
+from .scheduler import ANY_REQUEST, GenerationError, StageFailure, GenerationRequest, GenerationStats, Scheduler
 from .strategies import make_strategy
 from .trace import tracer_from_env
 from .transport import RingLink
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attempt:
+    restarts: int  # the watchdog's restart count when the attempt began
+    interrupted: bool = False
 
 
 class Cancelled(Exception):
@@ -134,7 +141,7 @@ class HeadNode:
         self.control.setsockopt(zmq.MAXMSGSIZE, 4096)
         self.control.bind(control_address)
         self.watchdog = Watchdog(stages)
-        self.busy = False  # a request is being generated
+        self.running: Attempt | None = None  # the generation attempt in progress
         self.num_stages = len(stages)
         self.defaults = defaults
         self.max_context = max_context
@@ -147,6 +154,9 @@ class HeadNode:
         self.cancelled: set[tuple[bytes, int]] = set()
         self.request_ids = itertools.count(int(time.time() * 1000) % (1 << 40))
         self.tracer = tracer_from_env(name)
+        self.max_recoveries = 3
+        # How long a request waits for a dead stage to come back (`flowspec launch` restarts it).
+        self.recovery_timeout_s = float(os.environ.get("FLOWSPEC_RECOVERY_S", "30"))
 
     async def run(self) -> None:
         await asyncio.gather(
@@ -158,15 +168,28 @@ class HeadNode:
             self.watchdog.beat(await self.control.recv())
 
     async def _watch(self) -> None:
-        """Fail the running request as soon as a stage goes silent, instead of waiting forever."""
-        reported = False
+        """Interrupt the running attempt as soon as a stage goes silent or comes back as a new
+        process (its KV cache gone), instead of waiting forever for rows that will not come."""
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.25)
+            attempt = self.running
+            if attempt is None or attempt.interrupted:
+                continue
             problem = self.watchdog.problem()
-            if problem and self.busy and not reported:
+            if problem is None and self.watchdog.restarts != attempt.restarts:
+                problem = f"stage {self.watchdog.last_restarted} restarted and lost its cache"
+            if problem:
+                attempt.interrupted = True
                 log.error("%s: %s", self.name, problem)
                 await self.returns.put(StageError(ANY_REQUEST, "watchdog", problem))
-            reported = bool(problem) and self.busy
+
+    async def _healthy_ring(self, failure: StageFailure, produced: list[int]) -> None:
+        """Wait until every stage sends heartbeats again (restarted by `flowspec launch` or by hand)."""
+        deadline = time.monotonic() + self.recovery_timeout_s
+        while (problem := self.watchdog.problem()) is not None:
+            if time.monotonic() > deadline:
+                raise GenerationError(f"{failure}; not recovered after {self.recovery_timeout_s:.0f} s: {problem}", produced)
+            await asyncio.sleep(0.25)
 
     async def _ring_receive(self) -> None:
         while True:
@@ -249,17 +272,37 @@ class HeadNode:
             TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens),
             self.link.send, self.returns.get, self.max_context, self.prefill_chunk, self.compute, self.tracer,
         )
-        request = GenerationRequest(
-            tuple(ids), options.max_new_tokens,
-            SamplingParams(options.temperature, options.top_k, options.top_p, options.seed), self.eos_ids,
-        )
-        while not self.returns.empty():  # leftovers of an earlier request, a watchdog report among them
-            self.returns.get_nowait()
-        self.busy = True
-        try:
-            return await scheduler.generate(next(self.request_ids), request, on_tokens)
-        finally:
-            self.busy = False
+        sampling = SamplingParams(options.temperature, options.top_k, options.top_p, options.seed)
+        produced: list[int] = []
+
+        async def record(new: list[int]) -> None:
+            produced.extend(new)
+            await on_tokens(new)
+
+        for recoveries in itertools.count():
+            # A retry re-prefills prompt + everything committed so far: the stages' caches are rebuilt
+            # from the head's tokens, and (greedy, or sampling seeded per position) the rest of the
+            # output is what an uninterrupted run would have produced.
+            request = GenerationRequest(
+                tuple(ids + produced), options.max_new_tokens - len(produced), sampling, self.eos_ids
+            )
+            while not self.returns.empty():  # leftovers of an earlier attempt
+                self.returns.get_nowait()
+            self.running = Attempt(self.watchdog.restarts)
+            try:
+                stats = await scheduler.generate(next(self.request_ids), request, record)
+            except StageFailure as failure:
+                if recoveries >= self.max_recoveries:
+                    raise GenerationError(f"{failure}; gave up after {recoveries} recoveries", produced) from None
+                log.warning("%s: %s; re-prefilling %d tokens", self.name, failure, len(ids) + len(produced))
+                self.running = None
+                await self._healthy_ring(failure, produced)
+                continue
+            finally:
+                self.running = None
+            stats.tokens = produced
+            stats.recoveries = recoveries
+            return stats
 
 
 def stats_summary(stats: GenerationStats) -> dict[str, Any]:
@@ -277,6 +320,7 @@ def stats_summary(stats: GenerationStats) -> dict[str, Any]:
         "token_times": stats.token_times,
         "mean_gap_s": sum(gaps) / len(gaps) if gaps else 0.0,
         "stop_reason": stats.stop_reason,
+        "recoveries": stats.recoveries,
     }
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ class NodeProcess:
     name: str
     process: subprocess.Popen
     log_path: Path
+    env: dict[str, str]
+    restarts: int = 0
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -37,8 +40,9 @@ class NodeProcess:
             return "(no log)"
 
     def ready(self) -> bool:
+        """The current incarnation said it is ready (the log keeps every incarnation's lines)."""
         try:
-            return READY_MARK in self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace").count(READY_MARK) > self.restarts
         except OSError:
             return False
 
@@ -56,6 +60,7 @@ class LocalCluster:
         names: list[str] | None = None,
         log_dir: Path | None = None,
         wrap: Callable[[str], list[str]] = lambda name: [],
+        restart_limit: int = 0,
     ) -> None:
         self.topology_path = Path(topology_path).resolve()
         self.topology: Topology = load_topology(self.topology_path)
@@ -64,6 +69,9 @@ class LocalCluster:
         self.log_dir = log_dir or cache_root() / "logs" / time.strftime("%Y%m%d-%H%M%S")
         self.nodes: dict[str, NodeProcess] = {}
         self.wrap = wrap  # command prefix per node, e.g. `ip netns exec HOST` for emulated hosts
+        self.restart_limit = restart_limit  # restarts allowed per node before a death is final
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -72,20 +80,45 @@ class LocalCluster:
         for name in self.names:
             self.start_node(name, env)
 
-    def start_node(self, name: str, env: dict[str, str] | None = None) -> None:
+    def start_node(self, name: str, env: dict[str, str]) -> None:
         log_path = self.log_dir / f"{name}.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                self.wrap(name) + node_command(self.topology_path, name), stdout=log, stderr=subprocess.STDOUT,
-                env=env or dict(os.environ), start_new_session=True,
-            )
-        self.nodes[name] = NodeProcess(name, process, log_path)
+        self.nodes[name] = NodeProcess(name, self._spawn(name, env, log_path, "w"), log_path, env)
 
-    def check(self) -> None:
+    def _spawn(self, name: str, env: dict[str, str], log_path: Path, mode: str) -> subprocess.Popen:
+        with open(log_path, mode) as log:
+            return subprocess.Popen(
+                self.wrap(name) + node_command(self.topology_path, name), stdout=log, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
+            )
+
+    def check(self) -> list[str]:
+        """Restart dead nodes within their budget; returns the restarted names, raises NodeDied past it."""
+        restarted = []
         for node in self.nodes.values():
             code = node.process.poll()
-            if code is not None:
+            if code is None:
+                continue
+            if node.restarts >= self.restart_limit:
                 raise NodeDied(node.name, code, node.log_tail())
+            node.restarts += 1
+            with open(node.log_path, "a") as log:
+                log.write(f"\n--- exited with code {code}; restart {node.restarts} of {self.restart_limit} ---\n")
+            node.process = self._spawn(node.name, node.env, node.log_path, "a")
+            restarted.append(node.name)
+        return restarted
+
+    def supervise_in_background(self, period_s: float = 0.2) -> None:
+        """Keep restarting dead nodes from a thread (tests; `flowspec launch` polls itself)."""
+
+        def loop() -> None:
+            while not self._stopping.wait(period_s):
+                try:
+                    self.check()
+                except NodeDied:
+                    return
+
+        self._supervisor = threading.Thread(target=loop, name="supervisor", daemon=True)
+        self._supervisor.start()
 
     def wait_ready(self, timeout_s: float = 600.0, on_ready: Callable[[str], None] | None = None) -> None:
         pending = set(self.nodes)
@@ -102,6 +135,9 @@ class LocalCluster:
             time.sleep(0.1)
 
     def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         for node in self.nodes.values():
             if node.process.poll() is None:
                 os.killpg(node.process.pid, signal.SIGTERM)

@@ -7,6 +7,7 @@ can tell a dead node (no heartbeats) from a hung one (heartbeats, but one comput
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,10 +24,12 @@ async def send_heartbeats(context: zmq.asyncio.Context, address: str, node: str,
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 4)  # stale heartbeats are worthless: never queue many
     socket.connect(address)
+    # Tells the head when a node came back as a new process (its KV caches are gone).
+    incarnation = f"{os.getpid()}-{time.time_ns()}"
     try:
         while True:
             try:
-                socket.send(msgpack.packb({"node": node, "busy_s": busy_for()}), zmq.NOBLOCK)
+                socket.send(msgpack.packb({"node": node, "busy_s": busy_for(), "incarnation": incarnation}), zmq.NOBLOCK)
             except zmq.Again:  # the head is away; the next beat will try again
                 pass
             await asyncio.sleep(HEARTBEAT_S)
@@ -45,16 +48,24 @@ class Watchdog:
     started: float = field(default_factory=time.monotonic)
     last_seen: dict[str, float] = field(default_factory=dict)
     busy_s: dict[str, float] = field(default_factory=dict)
+    incarnations: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0  # how many times any stage came back as a new process
+    last_restarted: str = ""
 
     def beat(self, frame: bytes) -> None:
         try:
             message = msgpack.unpackb(frame)
-            node, busy = message["node"], float(message["busy_s"])
+            node, busy, incarnation = message["node"], float(message["busy_s"]), str(message["incarnation"])
         except Exception:  # a malformed heartbeat proves nothing; ignore it
             return
-        if node in self.stages:
-            self.last_seen[node] = time.monotonic()
-            self.busy_s[node] = busy
+        if node not in self.stages:
+            return
+        if self.incarnations.get(node, incarnation) != incarnation:
+            self.restarts += 1
+            self.last_restarted = node
+        self.incarnations[node] = incarnation
+        self.last_seen[node] = time.monotonic()
+        self.busy_s[node] = busy
 
     def problem(self) -> str | None:
         """A sentence naming the first stage that is dead or hung, or None."""

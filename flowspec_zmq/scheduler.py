@@ -30,6 +30,10 @@ class GenerationError(RuntimeError):
         self.tokens = list(tokens)
 
 
+class StageFailure(GenerationError):
+    """A stage failed, went silent or restarted mid-request: the ring can be re-prefilled."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: tuple[int, ...]
@@ -49,6 +53,7 @@ class GenerationStats:
     decode_s: float = 0.0
     token_times: list[float] = field(default_factory=list)  # seconds since decode start, per token
     stop_reason: str = ""
+    recoveries: int = 0  # times the ring was re-prefilled after a stage failure
 
     @property
     def accepted_per_verification(self) -> float:
@@ -105,7 +110,7 @@ class Scheduler:
         while True:
             message = await self._receive()
             if isinstance(message, StageError) and message.request_id in (request_id, ANY_REQUEST):
-                raise GenerationError(f"{message.node}: {message.reason}", committed)
+                raise StageFailure(f"{message.node}: {message.reason}", committed)
             if isinstance(message, Segment) and message.request_id == request_id:
                 return message
             # Prune/Release echoes and leftovers of earlier requests need nothing from us.

@@ -23,6 +23,8 @@ from .transport import RingLink
 
 log = logging.getLogger(__name__)
 
+MAX_OPEN_REQUESTS = 64  # KV caches a stage keeps at once; more means a misbehaving peer
+
 
 class StageNode:
     def __init__(
@@ -133,9 +135,7 @@ class StageNode:
             raise ValueError(f"hidden rows have width {segment.hidden.shape[1]}, this model needs {hidden_size}")
         if max(segment.positions) >= self.max_context or min(segment.positions) < 0:
             raise ValueError(f"positions {min(segment.positions)}..{max(segment.positions)} outside the context")
-        cache = self.caches.get(segment.request_id)
-        if cache is None:
-            cache = self.caches[segment.request_id] = self.window.new_cache()
+        cache = self._cache_for(segment)
         hidden = self.window(
             segment.hidden, cache, segment.commit, segment.node_ids, segment.parents, segment.positions
         )
@@ -143,4 +143,21 @@ class StageNode:
             # Only the last prefill row's next-token distribution is ever needed.
             return segment.select([len(segment.node_ids) - 1]).with_hidden(hidden[-1:].contiguous())
         return segment.with_hidden(hidden)
+
+    def _cache_for(self, segment: Segment) -> TreeKVCache:
+        """The request's cache, after checking the segment continues it; a request is only opened by
+        its first prefill chunk, so rows of an unknown request (say, from before this node restarted)
+        fail loudly instead of attending to an empty prefix."""
+        cache = self.caches.get(segment.request_id)
+        if cache is None:
+            if not (segment.commit and segment.positions[0] == 0):
+                raise LookupError(f"request {segment.request_id} is unknown here (its prefix is not cached)")
+            if len(self.caches) >= MAX_OPEN_REQUESTS:
+                raise RuntimeError(f"{MAX_OPEN_REQUESTS} requests are already open on this stage")
+            cache = self.caches[segment.request_id] = self.window.new_cache()
+        if segment.commit and list(segment.positions) != list(range(cache.committed, cache.committed + len(segment.positions))):
+            raise ValueError(f"prefill rows at {segment.positions[0]}.. do not continue the {cache.committed} cached rows")
+        if not segment.commit and min(segment.positions) < cache.committed:
+            raise ValueError(f"tree rows at position {min(segment.positions)} overlap the {cache.committed} committed rows")
+        return cache
 
