@@ -135,6 +135,7 @@ class HeadNode:
         self.clients = context.socket(zmq.ROUTER)
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # so a vanished client frees its request
         self.clients.bind(client_address)
         self.control = context.socket(zmq.PULL)
         self.control.setsockopt(zmq.LINGER, 0)
@@ -195,8 +196,15 @@ class HeadNode:
         while True:
             await self.returns.put(await self.link.receive())
 
-    async def _reply(self, identity: bytes, message: dict[str, Any]) -> None:
-        await self.clients.send_multipart([identity, pack(message)])
+    async def _reply(self, identity: bytes, message: dict[str, Any]) -> bool:
+        """Send to a client; False when it has disconnected (ROUTER_MANDATORY tells us)."""
+        try:
+            await self.clients.send_multipart([identity, pack(message)])
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
 
     async def _client_receive(self) -> None:
         while True:
@@ -246,8 +254,10 @@ class HeadNode:
 
         async def on_tokens(ids: list[int]) -> None:
             if key in self.cancelled:
-                raise Cancelled()
-            await self._reply(job.identity, {"id": job.request_id, "event": "tokens", "ids": ids, "text": stream.push(ids)})
+                raise Cancelled("cancelled by its client")
+            event = {"id": job.request_id, "event": "tokens", "ids": ids, "text": stream.push(ids)}
+            if not await self._reply(job.identity, event):
+                raise Cancelled("its client went away")
 
         try:
             if problem := self.watchdog.problem():
@@ -258,8 +268,8 @@ class HeadNode:
             await self._reply(job.identity, {"id": job.request_id, "event": "done", "stats": stats_summary(stats)})
         except (ClientRequestError, GenerationError) as exc:
             await self._reply(job.identity, {"id": job.request_id, "event": "error", "message": str(exc), "ids": stream.ids})
-        except Cancelled:
-            log.info("%s: request %d cancelled by its client", self.name, job.request_id)
+        except Cancelled as reason:
+            log.info("%s: request %d stopped after %d tokens: %s", self.name, job.request_id, len(stream.ids), reason)
         finally:
             self.cancelled.discard(key)
 

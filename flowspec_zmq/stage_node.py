@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from .emulation import DeviceProfile, pace
@@ -23,7 +23,7 @@ from .transport import RingLink
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_REQUESTS = 64  # KV caches a stage keeps at once; more means a misbehaving peer
+MAX_OPEN_REQUESTS = 64  # KV caches a stage keeps at once
 
 
 class StageNode:
@@ -44,7 +44,7 @@ class StageNode:
         self.max_context = max_context
         self.tracer = tracer
         self.profile = profile  # when set, every segment takes the profiled device's time
-        self.caches: dict[int, TreeKVCache] = {}
+        self.caches: OrderedDict[int, TreeKVCache] = OrderedDict()  # least recently used first
         self.prune_versions: dict[int, int] = {}  # request id -> last prune applied
         self.inbox: deque[Message] = deque()
         self.inbox_ready = asyncio.Event()
@@ -92,7 +92,7 @@ class StageNode:
                     if self.profile is not None and rows:
                         await pace(started, self.profile.compute_s(rows))
             except Exception as exc:  # a bad request must not take the node down; the head is told
-                log.exception("%s: request %d failed", self.name, message.request_id)
+                log.warning("%s: request %d failed: %s: %s", self.name, message.request_id, type(exc).__name__, exc)
                 self.caches.pop(message.request_id, None)
                 self.prune_versions.pop(message.request_id, None)
                 result = StageError(message.request_id, self.name, f"{type(exc).__name__}: {exc}")
@@ -153,8 +153,12 @@ class StageNode:
             if not (segment.commit and segment.positions[0] == 0):
                 raise LookupError(f"request {segment.request_id} is unknown here (its prefix is not cached)")
             if len(self.caches) >= MAX_OPEN_REQUESTS:
-                raise RuntimeError(f"{MAX_OPEN_REQUESTS} requests are already open on this stage")
+                # Forgotten requests (a peer that never released them) must not lock out live ones;
+                # a live request evicted here fails loudly and the head re-prefills it.
+                evicted, _ = self.caches.popitem(last=False)
+                log.warning("%s: evicted the cache of idle request %d", self.name, evicted)
             cache = self.caches[segment.request_id] = self.window.new_cache()
+        self.caches.move_to_end(segment.request_id)
         if segment.commit and list(segment.positions) != list(range(cache.committed, cache.committed + len(segment.positions))):
             raise ValueError(f"prefill rows at {segment.positions[0]}.. do not continue the {cache.committed} cached rows")
         if not segment.commit and min(segment.positions) < cache.committed:
