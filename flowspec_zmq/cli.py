@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import signal
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .client import DEFAULT_ADDRESS, Client, GenerationFailed
-from .topology import default_topology_path, load_topology
+from .security import CLIENT, Keys, create_keys
+from .topology import Topology, default_topology_path, load_topology
 
 OPTION_FLAGS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "draft", "segment_size",
                 "tree_depth", "tree_top_k", "tree_total_tokens")
@@ -39,10 +41,17 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k) is not None}
 
 
-def _address(args: argparse.Namespace) -> str:
+def _client(args: argparse.Namespace) -> Client:
+    """A client for the topology's head, with the client key pair when the cluster requires keys."""
+    topology = load_topology(args.topology or default_topology_path())
+    keys = Keys(topology.keys, CLIENT) if topology.keys else None
+    return Client(_address(args, topology), keys=keys)
+
+
+def _address(args: argparse.Namespace, topology: Topology) -> str:
     if args.address:
         return args.address
-    head = load_topology(args.topology or default_topology_path()).head
+    head = topology.head
     return f"tcp://{head.host}:{head.client_port}"
 
 
@@ -63,7 +72,7 @@ async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **p
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    client = Client(_address(args))
+    client = _client(args)
     try:
         asyncio.run(_stream(client, _options(args), args.stats, prompt=args.prompt))
     except GenerationFailed as exc:
@@ -73,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    client = Client(_address(args))
+    client = _client(args)
     messages: list[dict[str, str]] = []
     print("Chat with the model; an empty line or Ctrl-D ends it.")
     while True:
@@ -130,8 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"starting {len(cluster.names)} nodes (logs in {cluster.log_dir}) ...", flush=True)
     with cluster:
         print(f"prompt: {args.prompt}", flush=True)
-        head = cluster.topology.head
-        args.address = args.address or f"tcp://{head.host}:{head.client_port}"
+        args.topology = topology_path
         return cmd_generate(args)
 
 
@@ -145,19 +153,43 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    topology = load_topology(args.topology or default_topology_path())
+    made = create_keys(args.folder, [n.name for n in topology.nodes])
+    print(f"wrote {len(made)} key pairs to {args.folder}; add to the topology:\n[security]\nkeys = \"{args.folder}\"")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from tools.prepare_models import main as prepare_main
 
     return prepare_main(args.models)
 
 
+# Commands whose code and argument parsing live in tools/; `flowspec NAME --help` shows their options.
+TOOL_COMMANDS = {
+    "bench": ("tools.bench", "every decoding mode on the same prompts, edge-emulated: table, JSON, plots"),
+    "profile": ("tools.profile_stage", "time this machine's stage forward per layer, to calibrate device profiles"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOL_COMMANDS:
+        return importlib.import_module(TOOL_COMMANDS[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="flowspec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, (_, summary) in TOOL_COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
 
     prepare = commands.add_parser("prepare", help="install and convert model weights for offline use")
     prepare.add_argument("models", nargs="*", help="model names (default: the demo and test models)")
     prepare.set_defaults(run=cmd_prepare)
+
+    keys = commands.add_parser("keys", help="create CurveZMQ key pairs for every node and the client")
+    keys.add_argument("folder", type=Path)
+    keys.add_argument("--topology", type=Path)
+    keys.set_defaults(run=cmd_keys)
 
     launch = commands.add_parser("launch", help="start every node of the topology that lives on this machine")
     launch.add_argument("topology", nargs="?", type=Path)

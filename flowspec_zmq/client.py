@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from .client_protocol import pack, unpack_reply
+from .security import Keys
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5599"
 
@@ -38,8 +39,9 @@ class Completion:
 
 
 class Client:
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 300.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 300.0, keys: Keys | None = None) -> None:
         self.address = address
+        self.keys = keys  # CurveZMQ key pair to present when the cluster requires one
         self.timeout_s = timeout_s  # longest silence from the head before giving up
         self.context = zmq.asyncio.Context.instance()
         self._ids = itertools.count(1)
@@ -47,6 +49,8 @@ class Client:
     def _socket(self) -> zmq.asyncio.Socket:
         socket = self.context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        if self.keys:
+            self.keys.connect_to(socket, "head")
         socket.connect(self.address)
         return socket
 

@@ -30,6 +30,7 @@ from .protocol import Message, StageError
 from .sampling import SamplingParams
 from .scheduler import ANY_REQUEST, GenerationError, StageFailure, GenerationRequest, GenerationStats, Scheduler
 from .strategies import make_strategy
+from .security import Keys
 from .trace import tracer_from_env
 from .transport import RingLink
 
@@ -122,9 +123,11 @@ class HeadNode:
         control_address: str,
         context: zmq.asyncio.Context,
         stages: tuple[str, ...],
+        keys: Keys | None,
         defaults: GenerateOptions,
         max_context: int,
         prefill_chunk: int,
+        drafts: dict[str, DraftSource],
     ) -> None:
         self.name = name
         self.model_dir = model_dir
@@ -136,10 +139,14 @@ class HeadNode:
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
         self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # so a vanished client frees its request
+        if keys:
+            keys.serve(self.clients)
         self.clients.bind(client_address)
         self.control = context.socket(zmq.PULL)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.MAXMSGSIZE, 4096)
+        if keys:
+            keys.serve(self.control)
         self.control.bind(control_address)
         self.watchdog = Watchdog(stages)
         self.running: Attempt | None = None  # the generation attempt in progress
@@ -147,7 +154,7 @@ class HeadNode:
         self.defaults = defaults
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
-        self.drafts: dict[str, DraftSource] = {}
+        self.drafts = drafts  # loaded draft sources by kind; others load on first use
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-compute")
         self.returns: asyncio.Queue[Message] = asyncio.Queue()
         self.jobs: deque[ClientJob] = deque()

@@ -16,11 +16,19 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from .security import Keys
+
 HEARTBEAT_S = 0.5
 
 
-async def send_heartbeats(context: zmq.asyncio.Context, address: str, node: str, busy_for: Callable[[], float]) -> None:
+async def send_heartbeats(
+    context: zmq.Context, address: str, node: str, busy_for: Callable[[], float], keys: Keys | None, head: str
+) -> None:
+    # `context` is plain (not asyncio): a NOBLOCK send must fail at once when the head is away,
+    # not queue behind an asyncio send that waits for it.
     socket = context.socket(zmq.PUSH)
+    if keys:
+        keys.connect_to(socket, head)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 4)  # stale heartbeats are worthless: never queue many
     socket.connect(address)

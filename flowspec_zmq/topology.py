@@ -7,10 +7,12 @@ the key, e.g. `topology.toml: nodes[2].port: duplicate port 5610 on 127.0.0.1 (a
 
 from __future__ import annotations
 
+import json
+import socket
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args
+from typing import Any, Literal, NoReturn, Sequence, get_args
 
 from .emulation import DeviceProfile, LinkProfile
 from .strategies import MODES, Mode
@@ -68,6 +70,7 @@ class Topology:
     nodes: tuple[NodeConfig, ...]
     link: LinkProfile | None = None  # emulate these links on every hop
     path: str = "<string>"
+    keys: Path | None = None  # CurveZMQ key folder ([security] keys): every link authenticated
 
     @property
     def head(self) -> NodeConfig:
@@ -293,23 +296,80 @@ def parse_topology(text: str, path: str = "<string>") -> Topology:
     return _build(data, path)
 
 
-def make_local_topology(model_source: str, num_stages: int, base_port: int, **decoding_overrides: Any) -> Topology:
-    """A ring of `num_stages` auto stages, all on 127.0.0.1, for tests and benchmarks.
+LOOPBACK = "127.0.0.1"
 
-    Ports are consecutive from `base_port`: the head's ring input, client and control ports, then
-    one per stage. The result is validated exactly like a file, decoding overrides included.
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """`count` distinct ports the OS reports free right now (bound to port 0, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise TypeError(f"cannot write {value!r} as a TOML value")
+
+
+def local_topology_toml(
+    model: str,
+    num_stages: int,
+    *,
+    hosts: Sequence[str] | None = None,
+    max_context: int = 1024,
+    link: LinkProfile | None = None,
+    profile: DeviceProfile | Sequence[DeviceProfile] | None = None,
+    ports: Sequence[int] | None = None,
+    dtype: str = "float32",
+    **decoding: Any,
+) -> str:
+    """The text of a ring of `num_stages` auto-split stages, for tests and benchmarks.
+
+    `hosts[i]` places node i (the head first) on that address, else all on 127.0.0.1. `ports` are
+    the head's ring, client and control ports followed by one per stage (default: free ports now).
+    `profile` paces every stage alike, or stage i to profile[i]; `link` shapes every hop; `decoding`
+    fills the [decoding] table. Nothing is checked here: parse_topology does that.
     """
-    head = {"name": "head", "role": "head", "host": "127.0.0.1", "port": base_port,
-            "client_port": base_port + 1, "control_port": base_port + 2}
-    stages = [{"name": f"stage{i}", "role": "stage", "host": "127.0.0.1", "port": base_port + 2 + i, "layers": "auto"}
-              for i in range(1, num_stages + 1)]
-    data = {"model": {"source": model_source}, "decoding": decoding_overrides, "nodes": [head, *stages]}
-    return _build(data, f"<local topology of {num_stages} stages>")
+    hosts = list(hosts) if hosts is not None else [LOOPBACK] * (num_stages + 1)
+    ports = list(ports) if ports is not None else free_ports(num_stages + 3)
+    if len(hosts) != num_stages + 1 or len(ports) != num_stages + 3:
+        raise ValueError(f"{num_stages} stages need {num_stages + 1} hosts and {num_stages + 3} ports, "
+                         f"got {len(hosts)} and {len(ports)}")
+    profiles = list(profile) if isinstance(profile, Sequence) else [profile] * num_stages
+    if len(profiles) != num_stages:
+        raise ValueError(f"{num_stages} stages need one profile each, got {len(profiles)}")
+    lines = [f"[model]\nsource = {_toml_value(model)}\ndtype = {_toml_value(dtype)}\nmax_context = {max_context}\n",
+             "[decoding]", *(f"{key} = {_toml_value(value)}" for key, value in decoding.items()), ""]
+    if link is not None:
+        lines.append(f"[link]\nbandwidth_mbps = {link.bandwidth_mbps!r}\ndelay_ms = {link.delay_ms!r}\n")
+    lines.append(f'[[nodes]]\nname = "head"\nrole = "head"\nhost = "{hosts[0]}"\nport = {ports[0]}\n'
+                 f"client_port = {ports[1]}\ncontrol_port = {ports[2]}\n")
+    for i, paced in enumerate(profiles):
+        lines.append(f'[[nodes]]\nname = "stage{i + 1}"\nrole = "stage"\nhost = "{hosts[i + 1]}"\n'
+                     f'port = {ports[3 + i]}\nlayers = "auto"\n')
+        if paced is not None:
+            lines.append(f"profile = {{ fixed_ms = {paced.fixed_ms!r}, per_token_ms = {paced.per_token_ms!r} }}\n")
+    return "\n".join(lines)
+
+
+def make_local_topology(model: str, num_stages: int, **options: Any) -> Topology:
+    """local_topology_toml(...) parsed and validated exactly like a file."""
+    return parse_topology(local_topology_toml(model, num_stages, **options), f"<local topology of {num_stages} stages>")
 
 
 def _build(data: dict[str, Any], path: str) -> Topology:
     root = _Reader(path, "topology", data)
-    root.only({"model", "decoding", "nodes", "link"})
+    root.only({"model", "decoding", "nodes", "link", "security"})
     if "model" not in data:
         root.fail("model", "missing")
     raw_nodes = data.get("nodes")
@@ -323,7 +383,19 @@ def _build(data: dict[str, Any], path: str) -> Topology:
         nodes=tuple(nodes),
         link=_link(path, data["link"]) if "link" in data else None,
         path=path,
+        keys=_keys(path, data["security"]) if "security" in data else None,
     )
+
+
+def _keys(path: str, table: Any) -> Path:
+    r = _Reader(path, "security", table)
+    r.only({"keys"})
+    folder = Path(r.get("keys", str)).expanduser()
+    # Relative to the topology file, so a cluster's files can travel together.
+    folder = folder if folder.is_absolute() or path.startswith("<") else Path(path).resolve().parent / folder
+    if not folder.is_dir():
+        r.fail("keys", f"key folder {folder} does not exist; create it with `flowspec keys {folder}`")
+    return folder
 
 
 def load_topology(path: Path | str) -> Topology:

@@ -8,6 +8,7 @@ import zmq
 import zmq.asyncio
 
 from .emulation import LinkProfile, ShapedSender
+from .security import Keys
 from .protocol import MAX_MESSAGE_BYTES, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -21,16 +22,27 @@ class RingLink:
     """One node's place in the ring: receive from the previous hop, send to the next."""
 
     def __init__(
-        self, context: zmq.asyncio.Context, listen: str, next_hop: str, name: str, shaping: LinkProfile | None = None
+        self,
+        context: zmq.asyncio.Context,
+        listen: str,
+        next_hop: str,
+        name: str,
+        shaping: LinkProfile | None = None,
+        keys: Keys | None = None,
+        next_name: str = "",
     ) -> None:
         self.name = name
         self.inbound = context.socket(zmq.PULL)
         # zmq drops an oversized message before it reaches us, so a bad peer cannot exhaust memory.
         self.inbound.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.inbound.setsockopt(zmq.LINGER, 0)
+        if keys:
+            keys.serve(self.inbound)
         self.inbound.bind(listen)
         self.outbound = context.socket(zmq.PUSH)
         self.outbound.setsockopt(zmq.LINGER, 0)
+        if keys:
+            keys.connect_to(self.outbound, next_name)
         self.outbound.connect(next_hop)
         self.rejected = 0
         self.shaper = ShapedSender(shaping, self._send_frames) if shaping else None

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 import torch
+import zmq.asyncio
 
 from flowspec_zmq.models import resolve_model_dir
+from flowspec_zmq.security import Keys, start_authenticator
 from flowspec_zmq.topology import NodeConfig, Topology, load_topology
 
 
@@ -20,3 +22,18 @@ def setup(topology_path: Path, name: str) -> tuple[Topology, NodeConfig, Path]:
         torch.set_num_threads(int(threads))
     topology = load_topology(topology_path)
     return topology, topology.node(name), resolve_model_dir(topology.model.source)
+
+
+def contexts() -> tuple[zmq.asyncio.Context, zmq.Context]:
+    """The node's asyncio context and a plain twin over the same underlying context (for the
+    threads and non-blocking sockets that must not depend on the event loop); keep both alive."""
+    context = zmq.asyncio.Context()
+    return context, zmq.Context.shadow(context.underlying)
+
+
+def secure(plain: zmq.Context, topology: Topology, name: str) -> Keys | None:
+    """With `[security] keys` set, start the key allow-list and return this node's key pair."""
+    if topology.keys is None:
+        return None
+    start_authenticator(plain, topology.keys)
+    return Keys(topology.keys, name)

@@ -12,11 +12,12 @@ import zmq.asyncio
 from transformers import AutoTokenizer
 
 from flowspec_zmq.client_protocol import GenerateOptions
+from flowspec_zmq.draft import make_draft_source
 from flowspec_zmq.head_node import HeadNode, torch_dtype
 from flowspec_zmq.model_slices import load_head_model
 from flowspec_zmq.transport import RingLink, tcp
 
-from .common import setup
+from .common import contexts, secure, setup
 
 log = logging.getLogger("flowspec.head")
 
@@ -33,19 +34,21 @@ async def serve(topology_path: Path, name: str) -> None:
     log.info("loading tokenizer and head weights of %s", model_dir.name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     head = load_head_model(model_dir, torch_dtype(topology.model.dtype))
-    log.info("loaded in %.1f s", time.perf_counter() - started)
-    context = zmq.asyncio.Context()
-    first = topology.next_hop(name)
-    link = RingLink(context, tcp(node.host, node.port), tcp(first.host, first.port), name, topology.link)
     defaults = default_options(topology.decoding)
     defaults.check()
+    # Load the default draft before any socket exists: the event loop must never stall while
+    # peers are connecting (their handshakes and first messages would wait on it).
+    drafts = {defaults.draft: make_draft_source(defaults.draft, model_dir)} if defaults.mode != "ar" else {}
+    log.info("loaded in %.1f s", time.perf_counter() - started)
+    context, plain = contexts()
+    keys = secure(plain, topology, name)
+    first = topology.next_hop(name)
+    link = RingLink(context, tcp(node.host, node.port), tcp(first.host, first.port), name, topology.link, keys, first.name)
     head_node = HeadNode(
         name, model_dir, head, tokenizer, link, tcp(node.host, node.client_port),
-        tcp(node.host, node.control_port), context, tuple(s.name for s in topology.stages), defaults, topology.model.max_context, topology.decoding.prefill_chunk,
+        tcp(node.host, node.control_port), context, tuple(s.name for s in topology.stages), keys, defaults,
+        topology.model.max_context, topology.decoding.prefill_chunk, drafts,
     )
-    if defaults.mode != "ar":
-        # Load the default draft now so the first request does not pay for it.
-        head_node.draft_source(defaults.draft)
     log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
     try:
         await head_node.run()

@@ -17,7 +17,7 @@ from flowspec_zmq.stage_node import StageNode
 from flowspec_zmq.trace import tracer_from_env
 from flowspec_zmq.transport import RingLink, tcp
 
-from .common import setup
+from .common import contexts, secure, setup
 
 log = logging.getLogger("flowspec.stage")
 
@@ -29,16 +29,20 @@ async def serve(topology_path: Path, name: str) -> None:
     log.info("loading layers [%d, %d) of %s", first, last, model_dir.name)
     window = load_layer_window(model_dir, first, last, torch_dtype(topology.model.dtype))
     log.info("loaded %d layers in %.1f s", last - first, time.perf_counter() - started)
-    context = zmq.asyncio.Context()
+    context, plain = contexts()
+    keys = secure(plain, topology, name)
     next_hop = topology.next_hop(name)
-    link = RingLink(context, tcp(node.host, node.port), tcp(next_hop.host, next_hop.port), name, topology.link)
+    link = RingLink(
+        context, tcp(node.host, node.port), tcp(next_hop.host, next_hop.port), name, topology.link, keys, next_hop.name
+    )
     stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context,
                       tracer=tracer_from_env(name), profile=node.profile)
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
     head = topology.head
     try:
         await asyncio.gather(
-            stage.run(), send_heartbeats(context, tcp(head.host, head.control_port), name, stage.busy_for)
+            stage.run(),
+            send_heartbeats(plain, tcp(head.host, head.control_port), name, stage.busy_for, keys, head.name),
         )
     finally:
         link.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,6 +11,7 @@ from transformers import AutoTokenizer
 from flowspec_zmq.launch import LocalCluster
 from flowspec_zmq.models import resolve_model_dir
 from flowspec_zmq.reference import reference_greedy
+from flowspec_zmq.topology import local_topology_toml
 
 TEST_MODEL = "smollm2-135m"
 PROMPTS = {
@@ -20,36 +20,6 @@ PROMPTS = {
     # ... and rarely here (free text).
     "story": "The old lighthouse keeper opened the door and saw",
 }
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def topology_toml(model: str, num_stages: int, host: str = "127.0.0.1", hosts: list[str] | None = None,
-                  max_context: int = 1024, **decoding: object) -> str:
-    """A ring of `num_stages` auto-split stages; `hosts` places node i (head first) on hosts[i]."""
-    ports = free_ports(num_stages + 3)
-    hosts = hosts or [host] * (num_stages + 1)
-    lines = [f'[model]\nsource = "{model}"\ndtype = "float32"\nmax_context = {max_context}\n', "[decoding]"]
-    for key, value in decoding.items():
-        lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
-    lines.append(
-        f'\n[[nodes]]\nname = "head"\nrole = "head"\nhost = "{hosts[0]}"\nport = {ports[0]}\n'
-        f"client_port = {ports[1]}\ncontrol_port = {ports[2]}\n"
-    )
-    for i in range(num_stages):
-        lines.append(
-            f'[[nodes]]\nname = "stage{i + 1}"\nrole = "stage"\nhost = "{hosts[i + 1]}"\n'
-            f'port = {ports[3 + i]}\nlayers = "auto"\n'
-        )
-    return "\n".join(lines)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +54,7 @@ def start_cluster(tmp_path_factory) -> Iterator[Callable[..., LocalCluster]]:
     def start(num_stages: int, **kwargs) -> LocalCluster:
         folder = tmp_path_factory.mktemp(f"ring{num_stages}")
         path = folder / "topology.toml"
-        path.write_text(topology_toml(TEST_MODEL, num_stages, **kwargs))
+        path.write_text(local_topology_toml(TEST_MODEL, num_stages, **kwargs))
         cluster = LocalCluster(path, log_dir=folder / "logs")
         clusters.append(cluster)
         cluster.__enter__()

@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from flowspec_zmq.launch import LocalCluster
+from flowspec_zmq.topology import local_topology_toml
 from tools import netns
 
-from .conftest import PROMPTS, TEST_MODEL, topology_toml
+from .conftest import PROMPTS, TEST_MODEL
 
 CLIENT = """
 import asyncio, json, sys
@@ -37,7 +38,7 @@ def hosts():
 
 def test_ring_over_tcp_between_namespaces(hosts, tmp_path, reference):
     path = tmp_path / "topology.toml"
-    path.write_text(topology_toml(TEST_MODEL, 2, hosts=hosts))
+    path.write_text(local_topology_toml(TEST_MODEL, 2, hosts=hosts))
     names = ["head", "stage1", "stage2"]
     cluster = LocalCluster(
         path, names=names, log_dir=tmp_path / "logs",

@@ -13,7 +13,9 @@ import pytest
 from flowspec_zmq.client import Client, GenerationFailed
 from flowspec_zmq.launch import LocalCluster
 
-from .conftest import PROMPTS, TEST_MODEL, client_address, topology_toml
+from flowspec_zmq.topology import local_topology_toml
+
+from .conftest import PROMPTS, TEST_MODEL, client_address
 
 NEW_TOKENS = 40
 
@@ -22,7 +24,7 @@ NEW_TOKENS = 40
 def supervised_ring(tmp_path_factory):
     folder = tmp_path_factory.mktemp("recovery")
     path = folder / "topology.toml"
-    path.write_text(topology_toml(TEST_MODEL, 3))
+    path.write_text(local_topology_toml(TEST_MODEL, 3))
     cluster = LocalCluster(path, log_dir=folder / "logs", restart_limit=10)
     with cluster:
         cluster.supervise_in_background()
@@ -60,7 +62,7 @@ def test_unrecoverable_failure_reports_the_node_and_keeps_tokens(tmp_path, refer
     names the stage, and the tokens committed before it are handed back."""
     monkeypatch.setenv("FLOWSPEC_RECOVERY_S", "4")
     path = tmp_path / "topology.toml"
-    path.write_text(topology_toml(TEST_MODEL, 2))
+    path.write_text(local_topology_toml(TEST_MODEL, 2))
     with LocalCluster(path, log_dir=tmp_path / "logs") as cluster:
         client = Client(client_address(cluster))
         ids: list[int] = []

@@ -10,6 +10,7 @@ from flowspec_zmq.topology import (
     TopologyError,
     default_topology_path,
     load_topology,
+    local_topology_toml,
     make_local_topology,
     parse_topology,
 )
@@ -87,13 +88,40 @@ def test_emulation_settings_parse():
 
 
 def test_make_local_topology_builds_a_validated_loopback_ring():
-    t = make_local_topology("smollm2-135m", 3, 7000, mode="ar", max_new_tokens=9)
+    t = make_local_topology("smollm2-135m", 3, ports=range(7000, 7006), mode="ar", max_new_tokens=9)
     assert (t.head.port, t.head.client_port, t.head.control_port) == (7000, 7001, 7002)
     assert [(s.name, s.host, s.port) for s in t.stages] == [
         ("stage1", "127.0.0.1", 7003), ("stage2", "127.0.0.1", 7004), ("stage3", "127.0.0.1", 7005)]
     assert (t.decoding.mode, t.decoding.max_new_tokens, t.decoding.segment_size) == ("ar", 9, 16)
     assert t.layer_windows(30) == {"stage1": (0, 10), "stage2": (10, 20), "stage3": (20, 30)}
     assert t.next_hop("stage3") == t.head
+    assert t.link is None and all(s.profile is None for s in t.stages)
+
+
+def test_local_topology_picks_distinct_free_ports_by_default():
+    t = make_local_topology("smollm2-135m", 4)
+    ports = [t.head.port, t.head.client_port, t.head.control_port, *(s.port for s in t.stages)]
+    assert len(set(ports)) == 7 and all(1024 <= p <= 65535 for p in ports)
+
+
+def test_local_topology_carries_emulation_hosts_and_typed_decoding_values():
+    paced = [DeviceProfile(50.0, 0.8), DeviceProfile(40.0, 0.5)]
+    text = local_topology_toml("gemma3-270m", 2, hosts=["10.0.0.1", "10.0.0.2", "10.0.0.3"], max_context=600,
+                               link=LinkProfile(150.0, 3.0), profile=paced, temperature=0, draft="ngram")
+    t = parse_topology(text)
+    assert [n.host for n in t.nodes] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert t.model.max_context == 600 and t.link == LinkProfile(150.0, 3.0)
+    assert [s.profile for s in t.stages] == paced
+    assert (t.decoding.temperature, t.decoding.draft) == (0.0, "ngram")
+    one = make_local_topology("smollm2-135m", 3, profile=DeviceProfile(2.0, 0.1))
+    assert {s.profile for s in one.stages} == {DeviceProfile(2.0, 0.1)}
+
+
+def test_local_topology_wants_one_host_per_node_and_one_profile_per_stage():
+    with pytest.raises(ValueError, match="need 3 hosts"):
+        local_topology_toml("smollm2-135m", 2, hosts=["127.0.0.1"])
+    with pytest.raises(ValueError, match="one profile each"):
+        local_topology_toml("smollm2-135m", 2, profile=[DeviceProfile(1.0, 1.0)])
 
 
 @pytest.mark.parametrize(
@@ -106,13 +134,13 @@ def test_make_local_topology_builds_a_validated_loopback_ring():
 )
 def test_make_local_topology_validates_overrides(overrides, fragment):
     with pytest.raises(TopologyError, match=None) as error:
-        make_local_topology("smollm2-135m", 2, 7000, **overrides)
+        make_local_topology("smollm2-135m", 2, **overrides)
     assert fragment in str(error.value)
 
 
 def test_make_local_topology_needs_a_stage():
     with pytest.raises(TopologyError, match="at least one stage"):
-        make_local_topology("smollm2-135m", 0, 7000)
+        make_local_topology("smollm2-135m", 0)
 
 
 def _without(text: str, line: str) -> str:
@@ -225,7 +253,7 @@ def test_bad_layer_windows_name_the_nodes(layers, fragment):
 
 def test_more_auto_stages_than_layers_is_an_error():
     with pytest.raises(TopologyError, match="4 auto stages"):
-        make_local_topology("smollm2-135m", 4, 7000).layer_windows(3)
+        make_local_topology("smollm2-135m", 4).layer_windows(3)
 
 
 def test_missing_topology_file_is_a_clear_error(tmp_path):
