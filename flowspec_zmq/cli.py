@@ -104,13 +104,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import LocalCluster, NodeDied
 
     cluster = LocalCluster(args.topology or default_topology_path(), names=args.nodes or None,
                            restart_limit=args.restarts)
     print(f"starting {', '.join(cluster.names)} (logs in {cluster.log_dir})", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster exactly like Ctrl-C
     cluster.start()
     try:
         started = time.monotonic()
