@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 from transformers import AutoTokenizer, GenerationConfig
 
-from .client_protocol import ClientRequestError, GenerateOptions, pack, unpack
+from .client_protocol import ClientRequestError, pack, unpack
 from .liveness import Watchdog
 from .draft import DraftSource, NoDraft, TreeShape, make_draft_source
 from .model_slices import HeadModel
@@ -31,6 +31,7 @@ from .sampling import SamplingParams
 from .scheduler import ANY_REQUEST, GenerationError, StageFailure, GenerationRequest, GenerationStats, Scheduler
 from .strategies import make_strategy
 from .security import Keys
+from .topology import DecodingConfig, TopologyError, override_decoding
 from .trace import tracer_from_env
 from .transport import RingLink
 
@@ -124,7 +125,7 @@ class HeadNode:
         context: zmq.asyncio.Context,
         stages: tuple[str, ...],
         keys: Keys | None,
-        defaults: GenerateOptions,
+        defaults: DecodingConfig,
         max_context: int,
         prefill_chunk: int,
         drafts: dict[str, DraftSource],
@@ -269,7 +270,7 @@ class HeadNode:
         try:
             if problem := self.watchdog.problem():
                 raise GenerationError(problem)
-            options = self.defaults.updated(job.message.get("options") or {})
+            options = self._options(job.message.get("options"))
             ids = prompt_ids(self.tokenizer, job.message)
             stats = await self.generate(ids, options, on_tokens)
             await self._reply(job.identity, {"id": job.request_id, "event": "done", "stats": stats_summary(stats)})
@@ -280,7 +281,17 @@ class HeadNode:
         finally:
             self.cancelled.discard(key)
 
-    async def generate(self, ids: list[int], options: GenerateOptions, on_tokens) -> GenerationStats:
+    def _options(self, overrides: Any) -> DecodingConfig:
+        if overrides is None:
+            return self.defaults
+        if not isinstance(overrides, dict):
+            raise ClientRequestError("options must be a map")
+        try:
+            return override_decoding(self.defaults, overrides)
+        except TopologyError as exc:
+            raise ClientRequestError(str(exc)) from None
+
+    async def generate(self, ids: list[int], options: DecodingConfig, on_tokens) -> GenerationStats:
         strategy = make_strategy(options.mode, self.num_stages, options.segment_size, options.tree_top_k)
         loop = asyncio.get_running_loop()
         draft = await loop.run_in_executor(self.compute, self.draft_source, options.draft) if strategy.uses_draft else NoDraft()

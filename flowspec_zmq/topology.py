@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Sequence, get_args
 
@@ -165,10 +165,10 @@ class _Reader:
             self.fail(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
 
-    def positive(self, key: str, default: Any, kind: type = int) -> Any:
+    def positive(self, key: str, default: Any, kind: type = int, limit: float = float("inf")) -> Any:
         value = self.get(key, kind if kind is int else (int, float), default)
-        if value <= 0:
-            self.fail(key, f"must be positive, got {value}")
+        if not 0 < value <= limit:
+            self.fail(key, f"must be positive and at most {limit}, got {value}")
         return value
 
 
@@ -185,8 +185,11 @@ def _model(path: str, table: Any) -> ModelConfig:
     return ModelConfig(r.get("source", str), r.get("dtype", str, "float32", DTYPES), r.positive("max_context", 2048))
 
 
-def _decoding(path: str, table: Any) -> DecodingConfig:
-    r = _Reader(path, "decoding", table)
+MAX_TREE = 1024  # tree and segment sizes; more would only stall the ring
+
+
+def _decoding(path: str, table: Any, where: str = "decoding") -> DecodingConfig:
+    r = _Reader(path, where, table)
     r.only({f.name for f in fields(DecodingConfig)})
     d = DecodingConfig()
     temperature = float(r.get("temperature", (int, float), d.temperature))
@@ -200,18 +203,23 @@ def _decoding(path: str, table: Any) -> DecodingConfig:
         r.fail("top_k", "must be >= 0")
     return DecodingConfig(
         mode=r.get("mode", str, d.mode, MODES),
-        max_new_tokens=r.positive("max_new_tokens", d.max_new_tokens),
+        max_new_tokens=r.positive("max_new_tokens", d.max_new_tokens, limit=1 << 20),
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=r.get("seed", int, d.seed),
         draft=r.get("draft", str, d.draft, DRAFTS),
-        tree_total_tokens=r.positive("tree_total_tokens", d.tree_total_tokens),
-        tree_depth=r.positive("tree_depth", d.tree_depth),
-        tree_top_k=r.positive("tree_top_k", d.tree_top_k),
-        segment_size=r.positive("segment_size", d.segment_size),
+        tree_total_tokens=r.positive("tree_total_tokens", d.tree_total_tokens, limit=MAX_TREE),
+        tree_depth=r.positive("tree_depth", d.tree_depth, limit=MAX_TREE),
+        tree_top_k=r.positive("tree_top_k", d.tree_top_k, limit=MAX_TREE),
+        segment_size=r.positive("segment_size", d.segment_size, limit=MAX_TREE),
         prefill_chunk=r.positive("prefill_chunk", d.prefill_chunk),
     )
+
+
+def override_decoding(base: DecodingConfig, overrides: dict[str, Any]) -> DecodingConfig:
+    """A request's options: the topology's defaults with a client's overrides, checked like a file."""
+    return _decoding("request", {**asdict(base), **overrides}, where="options")
 
 
 def _profile(path: str, where: str, table: Any) -> DeviceProfile:

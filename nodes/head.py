@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import uvloop
 import zmq.asyncio
 from transformers import AutoTokenizer
 
-from flowspec_zmq.client_protocol import GenerateOptions
 from flowspec_zmq.draft import make_draft_source
 from flowspec_zmq.head_node import HeadNode, torch_dtype
 from flowspec_zmq.model_slices import load_head_model
@@ -22,20 +20,13 @@ from .common import contexts, secure, setup
 log = logging.getLogger("flowspec.head")
 
 
-def default_options(decoding) -> GenerateOptions:
-    """The topology's [decoding] table as the head's per-request defaults."""
-    fields = asdict(GenerateOptions())
-    return GenerateOptions(**{k: v for k, v in asdict(decoding).items() if k in fields})
-
-
 async def serve(topology_path: Path, name: str) -> None:
     topology, node, model_dir = setup(topology_path, name)
     started = time.perf_counter()
     log.info("loading tokenizer and head weights of %s", model_dir.name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     head = load_head_model(model_dir, torch_dtype(topology.model.dtype))
-    defaults = default_options(topology.decoding)
-    defaults.check()
+    defaults = topology.decoding
     # Load the default draft before any socket exists: the event loop must never stall while
     # peers are connecting (their handshakes and first messages would wait on it).
     drafts = {defaults.draft: make_draft_source(defaults.draft, model_dir)} if defaults.mode != "ar" else {}

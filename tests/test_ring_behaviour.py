@@ -146,10 +146,10 @@ def test_garbage_frames_do_not_kill_a_stage(ring, reference):
     [
         (dict(prompt=""), "empty"),
         (dict(prompt="word " * 2000), "exceeds the context"),
-        (dict(prompt="hi", max_new_tokens=10**9), "max_new_tokens"),
-        (dict(prompt="hi", mode="warp"), "mode"),
-        (dict(prompt="hi", wobble=3), "unknown option"),
-        (dict(prompt="hi", temperature="hot"), "temperature"),
+        (dict(prompt="hi", max_new_tokens=10**9), "options.max_new_tokens: must be positive and at most"),
+        (dict(prompt="hi", mode="warp"), "options.mode: must be one of"),
+        (dict(prompt="hi", wobble=3), "options.wobble: unknown key"),
+        (dict(prompt="hi", temperature="hot"), "options.temperature: must be"),
         (dict(prompt_ids=[-5, 3]), "prompt_ids"),
     ],
 )
