@@ -1,0 +1,463 @@
+"""`flowspec bench`: the decoding modes side by side on one local ring, on the same prompts.
+
+For each configuration (stage count, prompt length) one cluster is started with every node tracing
+its compute and sends (FLOWSPEC_TRACE). After one warm-up request per mode, each prompt is run in
+every mode in turn (interleaved, the starting mode rotating), greedy. All modes must produce the same
+tokens: a mismatch fails the benchmark. Reported per mode: decode tokens/s and the ratio to `ar`,
+time between tokens (mean, p90), accepted tokens per verification, draft rows sent per token,
+bytes the head sends per token, stage utilisation (segment compute + pacing / decode wall time) and
+the head's busy time per verification.
+
+Edge emulation (default): every stage is paced to a device profile (tools/profiles/*.toml, a per
+layer cost of an emulated bigger model, scaled by the stage's share of layers) and every hop is
+shaped to the profile's link, so the figures do not depend on the node processes contending for
+this machine's cores. `--profile none` runs unpaced at this machine's real speed.
+
+    flowspec bench                                   # 8 prompts x 48 tokens, 4 stages, edge profile
+    flowspec bench --stages 2,4,6,8 --prompts-per-config 4 --max-new-tokens 32
+    flowspec bench --prompt-lengths 64,256,512 --prompts-per-config 4
+    flowspec bench --profile none                    # real, unpaced
+
+Writes OUT/bench.json, OUT/summary.md, OUT/speedup.png and OUT/timeline_<config>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvloop
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from transformers import AutoTokenizer
+
+from flowspec_zmq.client import Client, GenerationFailed
+from flowspec_zmq.emulation import DeviceProfile, LinkProfile
+from flowspec_zmq.launch import LocalCluster, NodeDied
+from flowspec_zmq.model_slices import load_config
+from flowspec_zmq.models import resolve_model_dir
+from flowspec_zmq.strategies import MODES
+from flowspec_zmq.topology import local_topology_toml, parse_topology
+
+from .bench_metrics import RunRecord, load_spans, mismatches, node_times, pace_overruns, summarise, timeline
+from .edge_profiles import DEFAULT_PROFILE, EdgeProfile, ProfileError, load_edge_profile
+
+PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
+TREE_FLAGS = ("segment_size", "tree_depth", "tree_top_k", "tree_total_tokens", "prefill_chunk")
+# Tuned on the 4-stage edge testbed (Gemma-3-270M, int8 draft; README "Benchmarks"): the head's
+# real per-verification cost (draft + lm_head over 262k tokens) grows with the tree, so a narrower
+# tree (4 children per node, 32 nodes) in segments of 12 beats the topology's 8/64/16.
+BENCH_DECODING = {"segment_size": 12, "tree_depth": 5, "tree_top_k": 4, "tree_total_tokens": 32}
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run as asked."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    category: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    stages: int
+    prompt_length: int | None  # None: the prompts as written
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    draft: str
+    modes: tuple[str, ...]
+    max_new_tokens: int
+    warmup_tokens: int
+    profile: str | None
+    link: LinkProfile | None
+    decoding: dict[str, int]
+    head_threads: int | None
+    stage_threads: int | None
+    gantt_prompt: int
+    gantt_seconds: float
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """JSONL, one {"category": ..., "prompt": ...} per line."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"{path}:{number}: not JSON: {exc}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"]:
+            raise BenchError(f'{path}:{number}: need {{"category": str, "prompt": non-empty str}}')
+        prompts.append(Prompt(str(entry.get("category", "other")), entry["prompt"]))
+    if not prompts:
+        raise BenchError(f"{path}: no prompts")
+    return prompts
+
+
+def pick(prompts: list[Prompt], count: int | None) -> list[Prompt]:
+    """The first `count` prompts taking the categories in turn, so a short run still mixes them."""
+    queues: dict[str, list[Prompt]] = {}
+    for prompt in prompts:
+        queues.setdefault(prompt.category, []).append(prompt)
+    mixed = [q[i] for i in range(max(map(len, queues.values()))) for q in queues.values() if i < len(q)]
+    return mixed[:count] if count else mixed
+
+
+def fit_length(ids: list[int], length: int, lead: list[int], filler: list[int]) -> list[int]:
+    """`ids` made exactly `length` tokens long, keeping the tokenizer's leading special tokens and the
+    prompt's end: longer prompts lose their beginning, shorter ones get `filler` text before them."""
+    body = ids[len(lead):] if ids[: len(lead)] == lead else ids
+    room = length - len(lead)
+    if room <= 0:
+        raise BenchError(f"prompt length {length} leaves no room after {len(lead)} leading tokens")
+    if len(body) >= room:
+        return lead + body[-room:]
+    need = room - len(body)
+    pad = filler * math.ceil(need / len(filler))
+    return lead + pad[-need:] + body
+
+
+# --- running one configuration ------------------------------------------------------------------
+
+def start_cluster(topology_path: Path, folder: Path, head_threads: int | None, stage_threads: int | None) -> LocalCluster:
+    """LocalCluster with per-role thread counts and the trace on (it reads both from the env)."""
+    cluster = LocalCluster(topology_path, log_dir=folder / "logs")
+    cluster.log_dir.mkdir(parents=True, exist_ok=True)
+    share = max(1, (os.cpu_count() or 1) // len(cluster.names))
+    head = cluster.topology.head.name
+    for name in cluster.names:
+        threads = (head_threads if name == head else stage_threads) or share
+        cluster.start_node(name, dict(os.environ, FLOWSPEC_THREADS=str(threads), FLOWSPEC_TRACE=str(folder / "trace")))
+    try:
+        cluster.wait_ready()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+async def measure(address: str, settings: Settings, prompts: list[Prompt], prompt_ids: list[list[int]],
+                  progress: Progress, task) -> list[RunRecord]:
+    client = Client(address)
+    modes = list(settings.modes)
+    for mode in modes:  # warm-up: first-call costs (draft load, allocator, caches) stay out of the figures
+        await client.complete(prompt_ids=prompt_ids[0], mode=mode, max_new_tokens=settings.warmup_tokens, temperature=0.0)
+        progress.advance(task)
+    runs = []
+    for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+        for mode in modes[i % len(modes):] + modes[: i % len(modes)]:
+            progress.update(task, description=f"prompt {i + 1}/{len(prompts)} ({prompt.category}), {mode}")
+            start = time.time()
+            completion = await client.complete(prompt_ids=ids, mode=mode, max_new_tokens=settings.max_new_tokens,
+                                               temperature=0.0)
+            runs.append(RunRecord(i, prompt.category, mode, len(ids), start, time.time(), completion.ids, completion.stats))
+            progress.advance(task)
+    return runs
+
+
+def stage_profiles(edge: EdgeProfile | None, model: str, stages: int, num_layers: int) -> list[DeviceProfile] | None:
+    if edge is None:
+        return None
+    windows = parse_topology(local_topology_toml(model, stages)).layer_windows(num_layers)
+    return edge.stages([windows[f"stage{i + 1}"] for i in range(stages)], num_layers)
+
+
+def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num_layers: int, prompts: list[Prompt],
+               prompt_ids: list[list[int]], folder: Path, progress: Progress) -> dict[str, Any]:
+    profiles = stage_profiles(edge, settings.model, config.stages, num_layers)
+    longest = max(map(len, prompt_ids)) + settings.max_new_tokens + settings.decoding.get("tree_depth", 8) + 16
+    text = local_topology_toml(settings.model, config.stages, max_context=max(256, 64 * math.ceil(longest / 64)),
+                               link=settings.link, profile=profiles, draft=settings.draft, temperature=0.0,
+                               **settings.decoding)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "topology.toml").write_text(text)
+    task = progress.add_task(f"{config.name}: starting nodes", total=len(settings.modes) * (len(prompts) + 1))
+    cluster = start_cluster(folder / "topology.toml", folder, settings.head_threads, settings.stage_threads)
+    try:
+        head = cluster.topology.head
+        runs = uvloop.run(measure(f"tcp://{head.host}:{head.client_port}", settings, prompts, prompt_ids, progress, task))
+    finally:
+        cluster.stop()
+    progress.update(task, description=f"{config.name}: done")
+    return analyse(config, settings, runs, profiles, folder)
+
+
+def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
+    """tokens/s relative to `ar` (the speedup) and to `tree`, where those modes ran."""
+    for name, reference in (("speedup", "ar"), ("vs_tree", "tree")):
+        base = modes.get(reference, {}).get("tokens_per_s") or 0.0
+        for figures in modes.values():
+            figures[name] = figures["tokens_per_s"] / base if base else 0.0
+
+
+def analyse(config: Config, settings: Settings, runs: list[RunRecord], profiles: list[DeviceProfile] | None,
+            folder: Path) -> dict[str, Any]:
+    spans = load_spans(folder / "trace")
+    stages = [f"stage{i + 1}" for i in range(config.stages)]
+    modes: dict[str, Any] = {}
+    for mode in settings.modes:
+        mine = [r for r in runs if r.mode == mode]
+        modes[mode] = {**summarise(mine), **node_times(spans, mine, stages)}
+    add_ratios(modes)
+    paced = dict(zip(stages, profiles)) if profiles else {}
+    gantt = {}
+    for mode in settings.modes:
+        run = next((r for r in runs if r.mode == mode and r.prompt == settings.gantt_prompt), None)
+        if run is not None:
+            gantt[mode] = timeline(spans, run, settings.gantt_seconds)
+    return {
+        **asdict(config),
+        "stage_profiles": [asdict(p) for p in profiles] if profiles else None,
+        "modes": modes,
+        "mismatches": mismatches(runs),
+        "pace_overruns": pace_overruns(spans, runs, paced) if paced else None,
+        "runs": [{k: v for k, v in asdict(r).items() if k != "stats"} | {"stats": {k: v for k, v in r.stats.items() if k != "token_times"}}
+                 for r in runs],
+        "gantt": gantt,
+    }
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+COLUMNS = (  # header, key, format
+    ("tok/s", "tokens_per_s", "{:.2f}"), ("x ar", "speedup", "{:.2f}"), ("x tree", "vs_tree", "{:.2f}"),
+    ("TBT mean ms", "tbt_mean_ms", "{:.0f}"),
+    ("TBT p90 ms", "tbt_p90_ms", "{:.0f}"), ("acc/verif", "accepted_per_verification", "{:.2f}"),
+    ("rows/tok", "rows_per_token", "{:.1f}"), ("KB/tok", "bytes_per_token", "{:.1f}"),
+)
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for mode, m in result["modes"].items():
+        util = list(m["utilisation"].values())
+        head = m["head_ms_per_verification"]
+        cells = [fmt.format(m.get(key, 0.0) / (1000 if key == "bytes_per_token" else 1)) for _, key, fmt in COLUMNS]
+        cells += [f"{100 * sum(util) / len(util):.0f} ({100 * min(util):.0f}-{100 * max(util):.0f})",
+                  f"{head['draft']:.0f}", f"{head['logits']:.0f}", f"{100 * m['head_busy']:.0f}"]
+        out.append([result["name"], mode, *cells])
+    return out
+
+
+HEADERS = ["config", "mode", *(h for h, _, _ in COLUMNS), "stage util % (min-max)", "draft ms/verif", "logits ms/verif",
+           "head busy %"]
+
+
+def table(results: list[dict[str, Any]], title: str) -> Table:
+    t = Table(title=title, box=box.SIMPLE_HEAVY)
+    for header in HEADERS:
+        t.add_column(header, justify="left" if header in ("config", "mode") else "right")
+    for result in results:
+        for i, cells in enumerate(rows(result)):
+            t.add_row(*cells, end_section=i == len(result["modes"]) - 1)
+    return t
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS))) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for result in results for cells in rows(result)]
+    return "\n".join(lines) + "\n"
+
+
+def describe(settings: Settings, edge: EdgeProfile | None) -> str:
+    pacing = (f"stages paced as {edge.name} ({edge.fixed_ms_per_layer} ms + {edge.per_token_ms_per_layer} ms/row per "
+              f"layer of {edge.model_layers})" if edge else "unpaced (this machine's real speed)")
+    link = f"links {settings.link.bandwidth_mbps:g} Mbps + {settings.link.delay_ms:g} ms/hop" if settings.link else "unshaped links"
+    tree = ", ".join(f"{k}={v}" for k, v in settings.decoding.items()) or "topology defaults"
+    return f"{settings.model}, {settings.draft} draft, {settings.max_new_tokens} new tokens, greedy; {pacing}; {link}; {tree}"
+
+
+def plot(results: list[dict[str, Any]], settings: Settings, out: Path, title: str, console: Console) -> list[str]:
+    try:
+        from .bench_plots import gantt, speedup_chart
+    except ImportError:
+        console.print("[yellow]matplotlib is missing (pip install -e '.[bench]'): no plots[/yellow]")
+        return []
+    paths = [speedup_chart(results, list(settings.modes), out / "speedup.png", title)]
+    for result in results:
+        nodes = ["head", *(f"stage{i + 1}" for i in range(result["stages"]))]
+        slug = result["name"].replace(" ", "").replace("/", "_").replace(",", "_")
+        paths.append(gantt(result["gantt"], nodes, settings.gantt_seconds, out / f"timeline_{slug}.png",
+                           f"{result['name']}: first {settings.gantt_seconds:g} s of decoding prompt {settings.gantt_prompt}, per mode"))
+    return [str(p) for p in paths]
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flowspec bench", description=__doc__.split("\n")[0],
+                                     epilog="Speed figures depend on this machine; never assert them in tests.")
+    parser.add_argument("--model", default="gemma3-270m", help="prepared model name or directory")
+    parser.add_argument("--draft", choices=["int8", "bf16", "ngram"], default="int8")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--prompts", type=Path, default=PROMPTS, help="JSONL file of {category, prompt}")
+    parser.add_argument("--prompts-per-config", type=int, default=None, help="use this many prompts (categories in turn)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--warmup-tokens", type=int, default=8)
+    parser.add_argument("--stages", type=_ints, default=[4], help="stage counts, e.g. 2,4,6,8 (one cluster each)")
+    parser.add_argument("--prompt-lengths", type=_ints, default=None, help="prompt lengths in tokens, e.g. 64,256,512")
+    parser.add_argument("--profile", default=str(DEFAULT_PROFILE), help="edge profile TOML, or 'none' for unpaced stages")
+    parser.add_argument("--bandwidth-mbps", type=float, default=None, help="link bandwidth (default: the profile's)")
+    parser.add_argument("--delay-ms", type=float, default=None, help="one-way delay per hop (default: the profile's)")
+    parser.add_argument("--no-link", action="store_true", help="no link shaping at all")
+    for flag in TREE_FLAGS:
+        default = BENCH_DECODING.get(flag)
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=default,
+                            help=f"(default: {default if default else 'the topology default'})")
+    parser.add_argument("--head-threads", type=int, default=None, help="torch threads of the head (default: cores / nodes)")
+    parser.add_argument("--stage-threads", type=int, default=None, help="torch threads per stage (default: cores / nodes)")
+    parser.add_argument("--gantt-prompt", type=int, default=0, help="which prompt the timelines show")
+    parser.add_argument("--gantt-seconds", type=float, default=2.0, help="how much of its decoding they show")
+    parser.add_argument("--label", default="", help="prefix of configuration names")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="BENCH_JSON",
+                        help="run nothing: print the table of earlier bench.json files together and re-plot into --out")
+    args = parser.parse_args(argv)
+    args.modes = tuple(m.strip() for m in args.modes.split(","))
+    if unknown := [m for m in args.modes if m not in MODES]:
+        parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    if args.max_new_tokens < 2 or args.warmup_tokens < 1:
+        parser.error("need --max-new-tokens >= 2 and --warmup-tokens >= 1")
+    return args
+
+
+def report_only(paths: list[Path], out: Path, console: Console) -> int:
+    """Tables and plots of earlier runs, side by side (e.g. the edge and the unpaced run)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    results = [config for report in reports for config in report["configs"]]
+    for config in results:
+        add_ratios(config["modes"])
+    first = reports[0]["settings"]
+    settings = Settings(**{k: v for k, v in first.items() if k in Settings.__dataclass_fields__}
+                        | {"modes": tuple(first["modes"]), "link": LinkProfile(**first["link"]) if first["link"] else None})
+    for report in reports:
+        console.print(f"{report['configs'][0]['name'] if report['configs'] else '?'}...: {report.get('title', '')}")
+    title = " | ".join(dict.fromkeys(report.get("title", "") for report in reports))
+    console.print(table(results, title))
+    console.print(markdown(results), soft_wrap=True, markup=False)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in plot(results, settings, out, title, console):
+        console.print(f"wrote {path}")
+    return 0 if all(report["agree"] for report in reports) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 150)  # logs and CI: keep the table on one line per row
+    if args.report:
+        return report_only(args.report, args.out, console)
+    try:
+        edge = None if args.profile == "none" else load_edge_profile(args.profile)
+        prompts = pick(load_prompts(args.prompts), args.prompts_per_config)
+    except (ProfileError, BenchError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    link = None
+    if not args.no_link:
+        base = edge.link if edge and edge.link else LinkProfile(0.0, 0.0)
+        link = LinkProfile(args.bandwidth_mbps if args.bandwidth_mbps is not None else base.bandwidth_mbps,
+                           args.delay_ms if args.delay_ms is not None else base.delay_ms)
+        link = link if link.bandwidth_mbps or link.delay_ms else None
+    settings = Settings(
+        model=args.model, draft=args.draft, modes=args.modes, max_new_tokens=args.max_new_tokens,
+        warmup_tokens=args.warmup_tokens, profile=None if edge is None else str(args.profile), link=link,
+        decoding={f: getattr(args, f) for f in TREE_FLAGS if getattr(args, f) is not None},
+        head_threads=args.head_threads, stage_threads=args.stage_threads,
+        gantt_prompt=min(args.gantt_prompt, len(prompts) - 1), gantt_seconds=args.gantt_seconds,
+    )
+    model_dir = resolve_model_dir(args.model)
+    num_layers = load_config(model_dir).num_hidden_layers
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    natural = [tokenizer(p.text)["input_ids"] for p in prompts]
+    lead = tokenizer("")["input_ids"]
+    filler = tokenizer("\n\n".join(p.text for p in prompts) + "\n\n", add_special_tokens=False)["input_ids"]
+    configs = [Config(f"{args.label}{n} stages" + (f" / {length} tok" if length else ""), n, length)
+               for n in args.stages for length in (args.prompt_lengths or [None])]
+    title = describe(settings, edge)
+    console.print(f"[bold]flowspec bench[/bold]: {len(prompts)} prompts x {len(args.modes)} modes per configuration; {title}")
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    results: list[dict[str, Any]] = []
+    error = None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        for config in configs:
+            ids = natural if config.prompt_length is None else [fit_length(i, config.prompt_length, lead, filler) for i in natural]
+            try:
+                results.append(run_config(config, settings, edge, num_layers, prompts, ids,
+                                          args.out / "configs" / config.name.replace(" ", "").replace("/", "_"), progress))
+            except (NodeDied, GenerationFailed, TimeoutError, BenchError) as exc:
+                error = f"{config.name}: {type(exc).__name__}: {exc}"
+                break
+    if results:
+        console.print(table(results, title))
+    for result in results:
+        for bad in result["mismatches"]:
+            console.print(f"[red]MISMATCH[/red] {result['name']}: prompt {bad['prompt']} ({bad['category']}) {bad['mode']} "
+                          f"differs from {bad['reference']} at token {bad['first_difference']}")
+        if (over := result["pace_overruns"]) and over["fraction"] > 0.05:
+            console.print(f"[yellow]{result['name']}: {100 * over['fraction']:.0f}% of paced segments overran their profile "
+                          f"(worst +{over['worst_ms']:.0f} ms): real compute did not fit; the figures mix in CPU contention[/yellow]")
+    agree = bool(results) and not any(r["mismatches"] for r in results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = plot(results, settings, args.out, title, console) if results else []
+    report = {
+        "settings": asdict(settings) | {"link": asdict(link) if link else None, "prompts_file": str(args.prompts)},
+        "edge_profile": asdict(edge) if edge else None,
+        "host": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
+                 "load_before": load_before, "load_after": os.getloadavg()},  # other work on this machine
+        "prompts": [asdict(p) for p in prompts],
+        "seconds": time.perf_counter() - started,
+        "title": title,
+        "agree": agree,
+        "error": error,
+        "configs": results,
+        "plots": plots,
+    }
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "summary.md").write_text(f"{title}\n\n{markdown(results)}" if results else "")
+    console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'summary.md'}" + "".join(f", {p}" for p in plots)
+                  + f" ({report['seconds']:.0f} s)")
+    if error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    if not agree:
+        console.print("[red]the modes disagree: the benchmark failed[/red]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

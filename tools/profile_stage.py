@@ -1,0 +1,155 @@
+"""`flowspec profile`: this machine's real time for one stage's forward pass, fitted per layer.
+
+Loads a window of decoder layers exactly as a stage does (model_slices.load_layer_window), prefills
+a short context into a TreeKVCache, then times forwards of 1, 2, 4, ... 32 tree rows on top of it
+(the cache is cut back to the prefix after each one). A least-squares line through the medians
+gives `fixed_ms + per_token_ms x rows` for the window; divided by its layers it is the per-layer
+profile that tools/profiles/*.toml hold, so a profile can be calibrated on the real device:
+
+    flowspec profile gemma3-270m --layers 5              # what one of 4 Gemma stages costs here
+    flowspec profile gemma3-270m --layers 5 --head       # plus the head: logits and one int8 draft
+
+`--head` also times the head's share of a step (lm_head over n rows, one draft tree), which is not
+paced by the emulation and runs at this machine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from flowspec_zmq.draft import DraftContext, DraftLM, TreeShape
+from flowspec_zmq.model_slices import load_config, load_head_model, load_layer_window
+from flowspec_zmq.models import resolve_model_dir
+from flowspec_zmq.tree import ROOT_PARENT
+
+ROWS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Fit:
+    fixed_ms: float
+    per_token_ms: float
+
+    def per_layer(self, layers: int) -> Fit:
+        return Fit(self.fixed_ms / layers, self.per_token_ms / layers)
+
+
+def fit_line(rows: list[int], times_ms: list[float]) -> Fit:
+    """Least squares `times = fixed + per_token x rows`, both clamped at 0."""
+    mean_x, mean_y = statistics.fmean(rows), statistics.fmean(times_ms)
+    var = sum((x - mean_x) ** 2 for x in rows)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(rows, times_ms)) / var if var else 0.0
+    slope = max(slope, 0.0)
+    return Fit(max(mean_y - slope * mean_x, 0.0), slope)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def profile_window(model_dir: Path, first: int, last: int, context: int, repeats: int) -> dict[int, float]:
+    """Median ms of one forward of `rows` tree rows (a chain, like a draft path) after `context` tokens."""
+    window = load_layer_window(model_dir, first, last, torch.float32)
+    hidden = window.config.hidden_size
+    cache = window.new_cache()
+    positions = list(range(context))
+    window(torch.randn(context, hidden), cache, True, positions, [ROOT_PARENT] * context, positions)
+    result = {}
+    for rows in ROWS:
+        ids = list(range(rows))
+        parents = [ROOT_PARENT, *range(rows - 1)]
+        row_positions = list(range(context, context + rows))
+        x = torch.randn(rows, hidden)
+
+        def forward() -> None:
+            window(x, cache, False, ids, parents, row_positions)
+            cache.truncate(context)
+
+        result[rows] = median_ms(forward, repeats)
+    return result
+
+
+def profile_head(model_dir: Path, context: int, repeats: int, shape: TreeShape) -> dict[str, float]:
+    """The head's unpaced work: lm_head over n rows, and one int8 draft tree of `shape`."""
+    head = load_head_model(model_dir, torch.float32)
+    hidden = torch.randn(max(ROWS), head.embed_tokens.weight.shape[1])
+    out = {f"logits_{rows}_ms": median_ms(lambda: head.logits(hidden[:rows]), repeats) for rows in (1, 16)}
+    draft = DraftLM.load(model_dir, "int8")
+    tokens = list(range(1000, 1000 + context))
+    draft._sync(tokens)  # the committed context is cached once, as during a request
+    out["draft_ms"] = median_ms(lambda: draft.draft(DraftContext(tokens, shape)), max(3, repeats // 3))
+    out.update({"draft_depth": shape.depth, "draft_top_k": shape.top_k, "draft_total": shape.total_tokens})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flowspec profile", description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", default="gemma3-270m", help="a prepared model name or directory")
+    parser.add_argument("--layers", type=int, default=None, help="layers in the window (default: all)")
+    parser.add_argument("--first", type=int, default=0, help="first layer of the window")
+    parser.add_argument("--context", type=int, default=64, help="prefilled tokens before the timed rows")
+    parser.add_argument("--repeats", type=int, default=15, help="timed forwards per row count")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: this machine's cores / --share, as for a local ring)")
+    parser.add_argument("--share", type=int, default=1, help="processes sharing the cores, as in a local ring of N nodes")
+    parser.add_argument("--head", action="store_true", help="also time the head's logits and one int8 draft tree")
+    parser.add_argument("--tree", default="5,8,64", help="draft tree depth,top_k,total for --head")
+    parser.add_argument("--out", type=Path, default=None, help="write the measurements as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.share))
+    console = Console()
+    model_dir = resolve_model_dir(args.model)
+    num_layers = load_config(model_dir).num_hidden_layers
+    layers = args.layers or num_layers - args.first
+    if not 0 <= args.first < args.first + layers <= num_layers:
+        parser.error(f"layers [{args.first}, {args.first + layers}) are outside the model's {num_layers} layers")
+    console.print(f"timing layers [{args.first}, {args.first + layers}) of {model_dir.name} "
+                  f"with {torch.get_num_threads()} threads after {args.context} tokens ...")
+    times = profile_window(model_dir, args.first, args.first + layers, args.context, args.repeats)
+    fit = fit_line(list(times), list(times.values()))
+    per_layer = fit.per_layer(layers)
+    table = Table(title=f"{model_dir.name}: {layers} layers, forward over a tree segment")
+    table.add_column("rows", justify="right")
+    table.add_column("median ms", justify="right")
+    table.add_column("fitted ms", justify="right")
+    for rows, ms in times.items():
+        table.add_row(str(rows), f"{ms:.2f}", f"{fit.fixed_ms + fit.per_token_ms * rows:.2f}")
+    console.print(table)
+    console.print(f"window:    fixed_ms = {fit.fixed_ms:.3f}, per_token_ms = {fit.per_token_ms:.4f}")
+    console.print(f"per layer: fixed_ms = {per_layer.fixed_ms:.3f}, per_token_ms = {per_layer.per_token_ms:.4f}")
+    report = {"model": model_dir.name, "first": args.first, "layers": layers, "context": args.context,
+              "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "median_ms": times,
+              "window": asdict(fit), "per_layer": asdict(per_layer)}
+    if args.head:
+        depth, top_k, total = (int(v) for v in args.tree.split(","))
+        head = profile_head(model_dir, args.context, args.repeats, TreeShape(depth, top_k, total))
+        console.print("head: " + ", ".join(f"{k} = {v:.1f}" if isinstance(v, float) else f"{k} = {v}" for k, v in head.items()))
+        report["head"] = head
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
