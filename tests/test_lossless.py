@@ -63,3 +63,9 @@ def test_six_stages_with_prunes_racing_tiny_segments(six_stages, reference, mode
         got = complete(six_stages, PROMPTS[prompt], mode=mode, draft=draft, segment_size=segment_size,
                        max_new_tokens=NEW_TOKENS)
         assert got == reference(PROMPTS[prompt], NEW_TOKENS), prompt
+
+
+def test_bf16_draft_is_lossless(ring, reference):
+    """The bf16 copy of the target drafts better than int8, but the output is still the target's."""
+    got = complete(ring, PROMPTS["story"], mode="flowspec", draft="bf16", max_new_tokens=NEW_TOKENS)
+    assert got == reference(PROMPTS["story"], NEW_TOKENS)
