@@ -66,11 +66,14 @@ class TreeKVCache:
         if needed <= self.capacity:
             return
         capacity = max(needed, 2 * self.capacity)
-        for cache in (self.keys, self.values):
-            for i, old in enumerate(cache):
-                grown = torch.zeros(*old.shape[:2], capacity, old.shape[3], dtype=self.dtype)
-                grown[:, :, : self.length] = old[:, :, : self.length]
-                cache[i] = grown
+        # Growth happens inside a forward (inference mode); buffers made there would be inference
+        # tensors, which prune() may not update in place outside it. Keep them normal tensors.
+        with torch.inference_mode(False):
+            for cache in (self.keys, self.values):
+                for i, old in enumerate(cache):
+                    grown = torch.zeros(*old.shape[:2], capacity, old.shape[3], dtype=self.dtype)
+                    grown[:, :, : self.length] = old[:, :, : self.length]
+                    cache[i] = grown
         self.capacity = capacity
 
     def append_committed(self, rows: int) -> None:

@@ -289,3 +289,18 @@ def depth_of(parents: list[int], i: int) -> int:
         i = parents[i]
         depth += 1
     return depth
+
+
+def test_a_cache_grown_during_a_forward_can_still_be_pruned_outside_it():
+    # Stages run forwards in inference mode but apply prunes outside it; a cache that grew past its
+    # capacity inside a forward (prompts longer than 256 tokens) must still accept the in-place move.
+    cache = TreeKVCache(0, [LayerShape(1, 4)], torch.float32, capacity=4)
+    with torch.inference_mode():
+        cache.reserve(6)
+        kv = torch.randn(1, 1, 6, 4)
+        cache.update(kv, kv, 0)
+        ids = [1, 2, 3, 4, 5, 6]
+        cache.add_tree_rows(ids, [0, 0, 1, 2, 3, 4], cache.tree_rows_for(ids, [-1, -1, 2, 3, 4, 5]))
+    cache.prune([2, 3], [4])  # the second branch is accepted: its rows move to the front
+    assert cache.committed == 2 and cache.node_ids == [4]
+    assert torch.equal(cache.keys[0][0, 0, :3], kv[0, 0, 1:4])
