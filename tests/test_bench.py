@@ -75,6 +75,7 @@ def test_node_times_and_overruns_come_from_the_decode_window():
     times = node_times(spans, [run], ["stage1"])
     assert times["utilisation"] == {"stage1": 0.25}
     assert times["head_ms_per_verification"]["draft"] == 250.0
+    assert times["ring_busy"] == 0.25 and times["head_alone"] == 0.25  # the draft's half inside the window
     over = pace_overruns(spans, [run], {"stage1": DeviceProfile(100.0, 10.0)})
     assert (over["segments"], over["overrun"]) == (1, 1) and over["worst_ms"] == pytest.approx(360.0)
 
@@ -108,7 +109,8 @@ def test_smoke_run_every_mode_agrees_and_reports_every_field(tmp_path):
     assert set(config["modes"]) == {"ar", "tree", "specpipe", "flowspec"}
     for figures in config["modes"].values():
         for key in ("tokens_per_s", "speedup", "tbt_mean_ms", "tbt_p90_ms", "accepted_per_verification",
-                    "bytes_per_token", "rows_per_token", "vs_tree", "utilisation", "head_ms_per_verification", "head_busy"):
+                    "bytes_per_token", "rows_per_token", "vs_tree", "utilisation", "head_ms_per_verification", "head_busy",
+                    "ring_busy", "head_alone"):
             assert key in figures, key
         assert set(figures["utilisation"]) == {"stage1", "stage2"}
     assert config["modes"]["ar"]["speedup"] == 1.0

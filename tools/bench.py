@@ -231,8 +231,8 @@ def analyse(config: Config, settings: Settings, runs: list[RunRecord], profiles:
         "modes": modes,
         "mismatches": mismatches(runs),
         "pace_overruns": pace_overruns(spans, runs, paced) if paced else None,
-        "runs": [{k: v for k, v in asdict(r).items() if k != "stats"} | {"stats": {k: v for k, v in r.stats.items() if k != "token_times"}}
-                 for r in runs],
+        "folder": str(folder),
+        "runs": [asdict(r) for r in runs],
         "gantt": gantt,
     }
 
@@ -254,13 +254,14 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
         head = m["head_ms_per_verification"]
         cells = [fmt.format(m.get(key, 0.0) / (1000 if key == "bytes_per_token" else 1)) for _, key, fmt in COLUMNS]
         cells += [f"{100 * sum(util) / len(util):.0f} ({100 * min(util):.0f}-{100 * max(util):.0f})",
-                  f"{head['draft']:.0f}", f"{head['logits']:.0f}", f"{100 * m['head_busy']:.0f}"]
+                  f"{head['draft']:.0f}", f"{head['logits']:.0f}", f"{100 * m['head_busy']:.0f}",
+                  f"{100 * m.get('head_alone', 0.0):.0f}"]
         out.append([result["name"], mode, *cells])
     return out
 
 
 HEADERS = ["config", "mode", *(h for h, _, _ in COLUMNS), "stage util % (min-max)", "draft ms/verif", "logits ms/verif",
-           "head busy %"]
+           "head busy %", "head alone %"]
 
 
 def table(results: list[dict[str, Any]], title: str) -> Table:
@@ -351,22 +352,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def refresh(config: dict[str, Any], folder: Path) -> None:
+    """Recompute the trace figures of a saved configuration (when its trace is still there) and the ratios."""
+    trace = Path(config.get("folder", folder)) / "trace"
+    if trace.is_dir():
+        spans = load_spans(trace)
+        stages = [f"stage{i + 1}" for i in range(config["stages"])]
+        runs = [RunRecord(**run) for run in config["runs"]]
+        for mode, figures in config["modes"].items():
+            figures.update(node_times(spans, [r for r in runs if r.mode == mode], stages))
+    add_ratios(config["modes"])
+
+
+def _saved_settings(report: dict[str, Any]) -> Settings:
+    saved = report["settings"]
+    return Settings(**{k: v for k, v in saved.items() if k in Settings.__dataclass_fields__}
+                    | {"modes": tuple(saved["modes"]), "link": LinkProfile(**saved["link"]) if saved["link"] else None})
+
+
+def _saved_title(report: dict[str, Any]) -> str:
+    if report.get("title"):
+        return report["title"]
+    edge = report.get("edge_profile")
+    if edge:
+        edge = EdgeProfile(**edge | {"link": LinkProfile(**edge["link"]) if edge.get("link") else None})
+    return describe(_saved_settings(report), edge)
+
+
 def report_only(paths: list[Path], out: Path, console: Console) -> int:
     """Tables and plots of earlier runs, side by side (e.g. the edge and the unpaced run)."""
     reports = [json.loads(path.read_text()) for path in paths]
-    results = [config for report in reports for config in report["configs"]]
-    for config in results:
-        add_ratios(config["modes"])
-    first = reports[0]["settings"]
-    settings = Settings(**{k: v for k, v in first.items() if k in Settings.__dataclass_fields__}
-                        | {"modes": tuple(first["modes"]), "link": LinkProfile(**first["link"]) if first["link"] else None})
-    for report in reports:
-        console.print(f"{report['configs'][0]['name'] if report['configs'] else '?'}...: {report.get('title', '')}")
-    title = " | ".join(dict.fromkeys(report.get("title", "") for report in reports))
+    results = []
+    for path, report in zip(paths, reports):
+        for config in report["configs"]:
+            refresh(config, path.parent / "configs" / config["name"].replace(" ", "").replace("/", "_"))
+            results.append(config)
+    title = " | ".join(dict.fromkeys(_saved_title(report) for report in reports))
     console.print(table(results, title))
     console.print(markdown(results), soft_wrap=True, markup=False)
     out.mkdir(parents=True, exist_ok=True)
-    for path in plot(results, settings, out, title, console):
+    for path in plot(results, _saved_settings(reports[0]), out, title, console):
         console.print(f"wrote {path}")
     return 0 if all(report["agree"] for report in reports) else 1
 

@@ -111,21 +111,47 @@ def _inside(span: dict[str, Any], windows: list[tuple[float, float]]) -> bool:
     return any(w[0] <= span["start"] < w[1] for w in windows)
 
 
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals."""
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def node_times(spans: list[dict[str, Any]], runs: list[RunRecord], stages: list[str]) -> dict[str, Any]:
-    """Per mode of `runs`: stage utilisation (segment compute + pacing / decode wall time) and the
-    head's busy time per verification, split by kind."""
+    """Per mode of `runs`: stage utilisation (segment compute + pacing / decode wall time), the
+    head's busy time per verification split by kind, how much of the time any stage computes, and
+    how much the head computes while every stage waits (its serial share)."""
     windows = [r.decode_window for r in runs]
     wall = sum(b - a for a, b in windows)
     busy: dict[tuple[str, str], float] = defaultdict(float)
-    for span in spans:
-        for window in windows:
-            busy[span["node"], span["what"]] += _overlap(span, window)
+    ring_time = head_alone = 0.0
+    for window in windows:
+        ring, head = [], []
+        for span in spans:
+            overlap = _overlap(span, window)
+            if overlap <= 0:
+                continue
+            busy[span["node"], span["what"]] += overlap
+            clipped = (max(span["start"], window[0]), min(span["end"], window[1]))
+            if span["node"] in stages and span["what"] == "segment":
+                ring.append(clipped)
+            elif span["node"] == "head" and span["what"] in HEAD_KINDS:
+                head.append(clipped)
+        covered = _covered(ring)
+        ring_time += covered
+        head_alone += _covered(ring + head) - covered
     verifications = sum(r.stats["verifications"] for r in runs) or 1
     head = {kind: 1000 * busy["head", kind] / verifications for kind in HEAD_KINDS}
     return {
         "utilisation": {s: busy[s, "segment"] / wall if wall else 0.0 for s in stages},
         "head_ms_per_verification": head,
         "head_busy": sum(busy["head", k] for k in HEAD_KINDS) / wall if wall else 0.0,
+        "ring_busy": ring_time / wall if wall else 0.0,  # some stage computing
+        "head_alone": head_alone / wall if wall else 0.0,  # the head computing, every stage idle
     }
 
 

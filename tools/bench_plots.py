@@ -22,7 +22,8 @@ KIND_COLORS = {"segment": "#4c72b0", "draft": "#8172b3", "logits": "#dd8452", "e
 def speedup_chart(configs: list[dict[str, Any]], modes: list[str], path: Path, title: str) -> Path:
     """Bars of tokens/s relative to `ar`, one group per configuration, one bar per mode."""
     width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(configs) + 3), 4.2))
+    fig_width = max(6.5, 1.6 * len(configs) + 3)
+    fig, ax = plt.subplots(figsize=(fig_width, 4.4))
     for i, mode in enumerate(modes):
         xs = [c + (i - (len(modes) - 1) / 2) * width for c in range(len(configs))]
         ys = [config["modes"][mode]["speedup"] for config in configs]
@@ -35,7 +36,7 @@ def speedup_chart(configs: list[dict[str, Any]], modes: list[str], path: Path, t
     ax.set_xticks(range(len(configs)), [c["name"] for c in configs])
     ax.set_ylabel("tokens/s relative to ar")
     ax.set_ylim(0, max(c["modes"][m]["speedup"] for c in configs for m in modes) * 1.25)
-    ax.set_title(textwrap.fill(title, 110), fontsize=8)
+    ax.set_title(textwrap.fill(title, int(fig_width * 13)), fontsize=7.5)
     ax.legend(ncol=len(modes), fontsize=8, loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
