@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.share))
     console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
     model_dir = resolve_model_dir(args.model)
     num_layers = load_config(model_dir).num_hidden_layers
     layers = args.layers or num_layers - args.first
