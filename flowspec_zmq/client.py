@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from .client_protocol import pack, unpack_reply
 from .security import Keys
+from .transport import receive_frames
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5599"
 
@@ -56,10 +57,10 @@ class Client:
 
     async def _receive(self, socket: zmq.asyncio.Socket) -> dict[str, Any]:
         try:
-            frame = await asyncio.wait_for(socket.recv(), self.timeout_s)
+            frames = await asyncio.wait_for(receive_frames(socket), self.timeout_s)
         except asyncio.TimeoutError:
             raise GenerationFailed(f"no answer from the head at {self.address} for {self.timeout_s:.0f} s", []) from None
-        return unpack_reply(frame)
+        return unpack_reply(frames[-1])
 
     async def events(
         self,

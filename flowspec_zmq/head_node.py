@@ -33,7 +33,7 @@ from .strategies import make_strategy
 from .security import Keys
 from .topology import DecodingConfig, TopologyError, override_decoding
 from .trace import tracer_from_env
-from .transport import RingLink
+from .transport import RingLink, receive_frames
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class HeadNode:
 
     async def _control_receive(self) -> None:
         while True:
-            self.watchdog.beat(await self.control.recv())
+            self.watchdog.beat((await receive_frames(self.control))[-1])
 
     async def _watch(self) -> None:
         """Interrupt the running attempt as soon as a stage goes silent or comes back as a new
@@ -216,7 +216,7 @@ class HeadNode:
 
     async def _client_receive(self) -> None:
         while True:
-            frames = await self.clients.recv_multipart()
+            frames = await receive_frames(self.clients)
             identity, payload = frames[0], frames[-1]
             try:
                 message = unpack(payload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import zmq
@@ -16,6 +17,17 @@ log = logging.getLogger(__name__)
 
 def tcp(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
+
+
+async def receive_frames(socket: zmq.asyncio.Socket, copy: bool = True) -> list:
+    """The next multipart message. With CurveZMQ an asyncio socket can wake up for a message that
+    is not there (zmq.Again, even repeatedly while a handshake fails); nothing was consumed, so wait
+    a moment, letting the event loop run, and try again."""
+    while True:
+        try:
+            return await socket.recv_multipart(copy=copy)
+        except zmq.Again:
+            await asyncio.sleep(0.001)
 
 
 class RingLink:
@@ -50,7 +62,7 @@ class RingLink:
     async def receive(self) -> Message:
         """The next valid message; invalid ones are logged, counted and skipped."""
         while True:
-            frames = await self.inbound.recv_multipart(copy=False)
+            frames = await receive_frames(self.inbound, copy=False)
             try:
                 return decode(frames)
             except ProtocolError as exc:

@@ -43,9 +43,12 @@ async def serve(topology_path: Path, name: str) -> None:
     log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
     try:
         await head_node.run()
+    except Exception:
+        log.exception("stopping after an unexpected error")
+        raise
     finally:
-        link.close()
-        context.term()
+        # destroy, not term: after a failure some sockets may still be open, and term would wait.
+        context.destroy(linger=0)
 
 
 def main(topology_path: Path, name: str) -> None:

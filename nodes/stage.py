@@ -44,9 +44,12 @@ async def serve(topology_path: Path, name: str) -> None:
             stage.run(),
             send_heartbeats(plain, tcp(head.host, head.control_port), name, stage.busy_for, keys, head.name),
         )
+    except Exception:
+        log.exception("stopping after an unexpected error")
+        raise
     finally:
-        link.close()
-        context.term()
+        # destroy, not term: after a failure some sockets may still be open, and term would wait.
+        context.destroy(linger=0)
 
 
 def main(topology_path: Path, name: str) -> None:
