@@ -62,6 +62,13 @@ class Client:
             raise GenerationFailed(f"no answer from the head at {self.address} for {self.timeout_s:.0f} s", []) from None
         return unpack_reply(frames[-1])
 
+    async def _send(self, socket: zmq.asyncio.Socket, message: dict[str, Any]) -> None:
+        # A DEALER with no live connection blocks in send: bound it like a reply.
+        try:
+            await asyncio.wait_for(socket.send(pack(message)), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise GenerationFailed(f"cannot reach the head at {self.address} for {self.timeout_s:.0f} s", []) from None
+
     async def events(
         self,
         prompt: str | None = None,
@@ -79,7 +86,7 @@ class Client:
         socket = self._socket()
         finished = False
         try:
-            await socket.send(pack(request))
+            await self._send(socket, request)
             while True:
                 event = await self._receive(socket)
                 if event.get("id") not in (request_id, -1):
@@ -92,8 +99,11 @@ class Client:
                     finished = True
                     return
         finally:
-            if not finished:  # the caller stopped early: free the head for others
-                await socket.send(pack({"op": "cancel", "id": request_id}))
+            if not finished:  # the caller stopped early: free the head for others (best effort)
+                try:
+                    await socket.send(pack({"op": "cancel", "id": request_id}), zmq.NOBLOCK)
+                except zmq.Again:  # no connection to the head: nothing to cancel there
+                    pass
             socket.close()
 
     async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[str]:
@@ -115,7 +125,7 @@ class Client:
     async def info(self) -> dict[str, Any]:
         socket = self._socket()
         try:
-            await socket.send(pack({"op": "info", "id": 0}))
+            await self._send(socket, {"op": "info", "id": 0})
             return await self._receive(socket)
         finally:
             socket.close()
