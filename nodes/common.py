@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Awaitable
 
 import torch
 import zmq.asyncio
@@ -37,3 +38,15 @@ def secure(plain: zmq.Context, topology: Topology, name: str) -> Keys | None:
         return None
     start_authenticator(plain, topology.keys)
     return Keys(topology.keys, name)
+
+
+async def run_until_stopped(work: Awaitable[object], context: zmq.asyncio.Context, log: logging.Logger) -> None:
+    """Serve until stopped; an unexpected error is logged before the node goes down."""
+    try:
+        await work
+    except Exception:
+        log.exception("stopping after an unexpected error")
+        raise
+    finally:
+        # destroy, not term: after a failure some sockets may still be open, and term would wait.
+        context.destroy(linger=0)

@@ -15,7 +15,7 @@ from flowspec_zmq.head_node import HeadNode, torch_dtype
 from flowspec_zmq.model_slices import load_head_model
 from flowspec_zmq.transport import RingLink, tcp
 
-from .common import contexts, secure, setup
+from .common import contexts, run_until_stopped, secure, setup
 
 log = logging.getLogger("flowspec.head")
 
@@ -41,14 +41,7 @@ async def serve(topology_path: Path, name: str) -> None:
         topology.model.max_context, topology.decoding.prefill_chunk, drafts,
     )
     log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
-    try:
-        await head_node.run()
-    except Exception:
-        log.exception("stopping after an unexpected error")
-        raise
-    finally:
-        # destroy, not term: after a failure some sockets may still be open, and term would wait.
-        context.destroy(linger=0)
+    await run_until_stopped(head_node.run(), context, log)
 
 
 def main(topology_path: Path, name: str) -> None:

@@ -17,7 +17,7 @@ from flowspec_zmq.stage_node import StageNode
 from flowspec_zmq.trace import tracer_from_env
 from flowspec_zmq.transport import RingLink, tcp
 
-from .common import contexts, secure, setup
+from .common import contexts, run_until_stopped, secure, setup
 
 log = logging.getLogger("flowspec.stage")
 
@@ -39,17 +39,8 @@ async def serve(topology_path: Path, name: str) -> None:
                       tracer=tracer_from_env(name), profile=node.profile)
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
     head = topology.head
-    try:
-        await asyncio.gather(
-            stage.run(),
-            send_heartbeats(plain, tcp(head.host, head.control_port), name, stage.busy_for, keys, head.name),
-        )
-    except Exception:
-        log.exception("stopping after an unexpected error")
-        raise
-    finally:
-        # destroy, not term: after a failure some sockets may still be open, and term would wait.
-        context.destroy(linger=0)
+    heartbeats = send_heartbeats(plain, tcp(head.host, head.control_port), name, stage.busy_for, keys, head.name)
+    await run_until_stopped(asyncio.gather(stage.run(), heartbeats), context, log)
 
 
 def main(topology_path: Path, name: str) -> None:
