@@ -18,7 +18,7 @@ from torch import nn
 from .model_slices import HeadModel, LayerWindow, load_full_model, whole_model_window
 from .tree import ROOT_PARENT, DraftTree
 
-DraftKind = Literal["int8", "bf16", "ngram", "none"]
+DraftKind = Literal["int8", "bf16", "ngram"]
 
 
 @dataclass(frozen=True)
@@ -179,4 +179,4 @@ def make_draft_source(kind: DraftKind, model_dir: Path) -> DraftSource:
         return DraftLM.load(model_dir, kind)
     if kind == "ngram":
         return NgramDraft()
-    return NoDraft()
+    raise ValueError(f"unknown draft kind {kind!r}")

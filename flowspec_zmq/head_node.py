@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import zmq
 import zmq.asyncio
 from transformers import AutoTokenizer, GenerationConfig
@@ -351,6 +350,3 @@ def stats_summary(stats: GenerationStats) -> dict[str, Any]:
         "recoveries": stats.recoveries,
     }
 
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

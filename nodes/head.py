@@ -11,8 +11,9 @@ import zmq.asyncio
 from transformers import AutoTokenizer
 
 from flowspec_zmq.draft import make_draft_source
-from flowspec_zmq.head_node import HeadNode, torch_dtype
+from flowspec_zmq.head_node import HeadNode
 from flowspec_zmq.model_slices import load_head_model
+from flowspec_zmq.protocol import DTYPES
 from flowspec_zmq.transport import RingLink, tcp
 
 from .common import contexts, run_until_stopped, secure, setup
@@ -25,7 +26,7 @@ async def serve(topology_path: Path, name: str) -> None:
     started = time.perf_counter()
     log.info("loading tokenizer and head weights of %s", model_dir.name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    head = load_head_model(model_dir, torch_dtype(topology.model.dtype))
+    head = load_head_model(model_dir, DTYPES[topology.model.dtype])
     defaults = topology.decoding
     # Load the default draft before any socket exists: the event loop must never stall while
     # peers are connecting (their handshakes and first messages would wait on it).

@@ -10,9 +10,9 @@ from pathlib import Path
 import uvloop
 import zmq.asyncio
 
-from flowspec_zmq.head_node import torch_dtype
 from flowspec_zmq.liveness import send_heartbeats
 from flowspec_zmq.model_slices import load_config, load_layer_window
+from flowspec_zmq.protocol import DTYPES
 from flowspec_zmq.stage_node import StageNode
 from flowspec_zmq.trace import tracer_from_env
 from flowspec_zmq.transport import RingLink, tcp
@@ -27,7 +27,7 @@ async def serve(topology_path: Path, name: str) -> None:
     first, last = topology.layer_windows(load_config(model_dir).num_hidden_layers)[name]
     started = time.perf_counter()
     log.info("loading layers [%d, %d) of %s", first, last, model_dir.name)
-    window = load_layer_window(model_dir, first, last, torch_dtype(topology.model.dtype))
+    window = load_layer_window(model_dir, first, last, DTYPES[topology.model.dtype])
     log.info("loaded %d layers in %.1f s", last - first, time.perf_counter() - started)
     context, plain = contexts()
     keys = secure(plain, topology, name)
