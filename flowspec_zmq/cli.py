@@ -17,7 +17,7 @@ from .security import CLIENT, Keys, create_keys
 from .topology import Topology, default_topology_path, load_topology
 
 OPTION_FLAGS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "draft", "segment_size",
-                "tree_depth", "tree_top_k", "tree_total_tokens")
+                "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab")
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:

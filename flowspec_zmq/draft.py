@@ -1,31 +1,39 @@
-"""Draft sources: propose a token tree below the newest committed token.
+"""Draft sources: propose children for nodes of the token tree, one tree layer at a time.
 
-Every source implements `DraftSource.draft(context) -> DraftTree`. The scheduler merges the proposal
-into the live tree by token path, so a source needs no knowledge of what is in flight. A learned
-head (EAGLE-style) would add its features to DraftContext and implement the same method.
+The head grows its tree incrementally (dynamic draft expansion): each draft step expands the best
+frontier nodes (by cumulative score) and returns their best children; after a verification the
+draft re-roots its own state like the stages do (accepted rows join the committed prefix, the
+surviving subtree keeps its KV, the rest is dropped), so a step that commits tokens costs one or two
+draft forwards instead of a full redraw. Every source implements `begin`, `expand` and `advance`
+(DraftSource); they run on the head's draft worker, in the order the scheduler submits them.
 """
 
 from __future__ import annotations
 
-import heapq
+import logging
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Collection, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from .model_slices import HeadModel, LayerWindow, load_full_model, whole_model_window
+from .draft_vocab import load_ranking
+from .model_slices import HeadModel, LayerWindow, load_layer_window
 from .tree import ROOT_PARENT, DraftTree
+
+log = logging.getLogger(__name__)
 
 DraftKind = Literal["int8", "bf16", "ngram"]
 
 
 @dataclass(frozen=True)
 class TreeShape:
-    depth: int = 5
-    top_k: int = 8
-    total_tokens: int = 64
+    depth: int = 5  # longest path below the root
+    top_k: int = 8  # children proposed per expanded node
+    total_tokens: int = 64  # draft nodes waiting for verification, at most
+    width: int = 4  # frontier nodes expanded per draft step
 
 
 @dataclass(frozen=True)
@@ -34,15 +42,33 @@ class DraftContext:
     shape: TreeShape
 
 
+@dataclass(frozen=True)
+class Frontier:
+    """A tree node whose children the draft should propose."""
+
+    node_id: int
+    parent: int  # ROOT_PARENT for the tree's root
+    position: int
+    path: tuple[int, ...]  # tokens from the root (inclusive) down to this node (inclusive)
+
+    @property
+    def token(self) -> int:
+        return self.path[-1]
+
+
+Proposals = list[list[tuple[int, float]]]  # per frontier node: (token, log-prob), best first
+
+
 class DraftSource(Protocol):
-    def draft(self, context: DraftContext) -> DraftTree: ...
+    def begin(self, prefix: Sequence[int]) -> None:
+        """A new request: `prefix` is every committed token before the tree's root."""
 
+    def expand(self, frontier: Sequence[Frontier], top_k: int) -> Proposals:
+        """The best `top_k` children of each frontier node."""
 
-class NoDraft:
-    """Plain autoregressive decoding: the tree is just its root."""
-
-    def draft(self, context: DraftContext) -> DraftTree:
-        return DraftTree.empty()
+    def advance(self, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+        """A verification moved `accepted` (root first) into the committed sequence (which now ends
+        with the new root); nodes outside `keep` are gone."""
 
 
 def select_connected(tokens: list[int], parents: list[int], scores: list[float], budget: int) -> DraftTree:
@@ -64,80 +90,91 @@ def select_connected(tokens: list[int], parents: list[int], scores: list[float],
 
 
 class DraftLM:
-    """A small LM sharing the target's tokenizer, expanded EAGLE-2 style: each depth runs the
-    global top-k frontier (by cumulative log-prob) and records all their top-k children; the best
-    `total_tokens` candidates form the tree."""
+    """A small LM sharing the target's tokenizer. Its KV cache mirrors the scheduler's tree: every
+    expanded node is a tree row under the same node id, so expansions build on earlier ones."""
 
-    def __init__(self, model: nn.Module, prefill_chunk: int = 64) -> None:
-        self.window: LayerWindow = whole_model_window(model)
-        self.head = HeadModel(model)
-        self.cache = self.window.new_cache()
+    def __init__(self, window: LayerWindow, head: HeadModel, lm_head: nn.Module, vocab: torch.Tensor | None,
+                 prefill_chunk: int = 64) -> None:
+        self.window = window
+        self.head = head  # shared with the head node: embedding and final norm are not copied
+        self.lm_head = lm_head  # over the draft vocabulary only (`vocab` maps its rows to token ids)
+        self.vocab = vocab
+        self.cache = window.new_cache()
         self.cached_tokens: list[int] = []
         self.prefill_chunk = prefill_chunk
 
     @classmethod
-    def load(cls, model_dir: Path, kind: Literal["int8", "bf16"]) -> DraftLM:
+    def load(cls, model_dir: Path, kind: Literal["int8", "bf16"], head: HeadModel, vocab_size: int) -> DraftLM:
+        """The target's decoder layers as a draft, read layer by layer (int8: each quantized as it
+        is read, so no full float32 copy ever exists), with an int8 lm_head over the `vocab_size`
+        most frequent tokens (0: all)."""
+        config_layers = head.num_layers
         if kind == "bf16":
-            return cls(load_full_model(model_dir, torch.bfloat16))
-        model = load_full_model(model_dir, torch.float32)
-        # In place: never hold an fp32 and an int8 copy of every layer at once.
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
-        return cls(model)
+            window = load_layer_window(model_dir, 0, config_layers, torch.bfloat16)
+        else:
+            window = load_layer_window(model_dir, 0, config_layers, torch.float32, quantize_layer)
+        weight = head.lm_head.weight.detach()
+        vocab = None
+        if 0 < vocab_size < weight.shape[0]:
+            ranked = load_ranking(model_dir)
+            if ranked is None:
+                raise FileNotFoundError(
+                    f"{model_dir} has no draft vocabulary ranking; run `flowspec prepare` on it, or set draft_vocab = 0"
+                )
+            vocab = torch.tensor(ranked[:vocab_size], dtype=torch.long)
+            weight = weight.index_select(0, vocab)
+        lm_head = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+        lm_head[0].weight = nn.Parameter(weight.float(), requires_grad=False)  # no copy when already float32
+        return cls(window, head, quantize_layer(lm_head)[0], vocab)
 
     def _sync(self, tokens: Sequence[int]) -> None:
-        """Bring the committed KV up to everything but the root, reusing the common prefix."""
+        """Bring the committed KV up to `tokens`, reusing the common prefix."""
         common = 0
-        for a, b in zip(self.cached_tokens, tokens[:-1]):
+        for a, b in zip(self.cached_tokens, tokens):
             if a != b:
                 break
             common += 1
         if common < self.cache.committed:
             self.cache.truncate(common)
             self.cached_tokens = self.cached_tokens[:common]
-        for start in range(common, len(tokens) - 1, self.prefill_chunk):
-            chunk = list(tokens[start : min(start + self.prefill_chunk, len(tokens) - 1)])
+        for start in range(common, len(tokens), self.prefill_chunk):
+            chunk = list(tokens[start : min(start + self.prefill_chunk, len(tokens))])
             positions = list(range(start, start + len(chunk)))
             self.window(self.head.embed(chunk), self.cache, True, positions, [ROOT_PARENT] * len(chunk), positions)
             self.cached_tokens.extend(chunk)
 
-    def _log_probs(self, tokens: list[int], ids: list[int], parents: list[int], positions: list[int]) -> torch.Tensor:
-        hidden = self.window(self.head.embed(tokens), self.cache, False, ids, parents, positions)
-        return torch.log_softmax(self.head.logits(hidden), dim=-1)
+    @torch.inference_mode()
+    def begin(self, prefix: Sequence[int]) -> None:
+        self.cache.prune((), ())  # the last request's tree rows
+        self._sync(prefix)
 
     @torch.inference_mode()
-    def draft(self, context: DraftContext) -> DraftTree:
-        shape = context.shape
-        if shape.depth == 0 or shape.total_tokens == 0:
-            return DraftTree.empty()
-        self._sync(context.tokens)
-        root_position = len(context.tokens) - 1
-        # Candidate i has cache node id i + 1; the root is cache node 0.
-        tokens: list[int] = []
-        parents: list[int] = []
-        scores: list[float] = []
-        frontier = [(ROOT_PARENT, 0.0)]  # (candidate index, cumulative score)
-        log_probs = self._log_probs([context.tokens[-1]], [0], [ROOT_PARENT], [root_position])
-        for depth in range(1, shape.depth + 1):
-            top = torch.topk(log_probs, shape.top_k, dim=-1)
-            layer = []
-            for (parent, parent_score), values, indices in zip(frontier, top.values.tolist(), top.indices.tolist()):
-                for value, token in zip(values, indices):
-                    layer.append(len(tokens))
-                    tokens.append(token)
-                    parents.append(parent)
-                    scores.append(parent_score + value)
-            if depth == shape.depth:
-                break
-            best = heapq.nlargest(shape.top_k, layer, key=lambda i: scores[i])
-            frontier = [(i, scores[i]) for i in best]
-            log_probs = self._log_probs(
-                [tokens[i] for i in best],
-                [i + 1 for i in best],
-                [parents[i] + 1 for i in best],  # ROOT_PARENT + 1 == 0, the root's cache id
-                [root_position + depth] * len(best),
-            )
-        self.cache.prune((), ())
-        return select_connected(tokens, parents, scores, shape.total_tokens)
+    def expand(self, frontier: Sequence[Frontier], top_k: int) -> Proposals:
+        hidden = self.window(
+            self.head.embed([f.token for f in frontier]), self.cache, False,
+            [f.node_id for f in frontier], [f.parent for f in frontier], [f.position for f in frontier],
+        )
+        logits = self.lm_head(self.head.norm(hidden.to(self.head.dtype)).float())
+        if self.head.softcap is not None:
+            logits = torch.tanh(logits / self.head.softcap) * self.head.softcap
+        top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
+        tokens = top.indices if self.vocab is None else self.vocab[top.indices]
+        return [list(zip(t, v)) for t, v in zip(tokens.tolist(), top.values.tolist())]
+
+    @torch.inference_mode()
+    def advance(self, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+        # Expansion goes parents first, so the accepted nodes with KV here are a prefix of the path.
+        cached = list(takewhile(lambda n: n in self.cache.row_of, accepted))
+        survivors = [n for n in keep if n in self.cache.row_of] if len(cached) == len(accepted) else []
+        self.cache.prune(cached, survivors)
+        self.cached_tokens = list(committed[: self.cache.committed])
+        self._sync(committed[:-1])  # accepted tokens the draft never expanded (leaves) join here
+
+
+def quantize_layer(module: nn.Module) -> nn.Module:
+    """int8 dynamic quantization of every Linear below `module`, in place (the draft's precision
+    never affects losslessness; on this class of CPU it is 4-10x faster than float32 or bfloat16)."""
+    return torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 class NgramDraft:
@@ -145,6 +182,7 @@ class NgramDraft:
 
     def __init__(self, max_ngram: int = 3) -> None:
         self.max_ngram = max_ngram
+        self.prefix: list[int] = []
 
     def draft(self, context: DraftContext) -> DraftTree:
         tokens = list(context.tokens)
@@ -173,10 +211,24 @@ class NgramDraft:
                     return select_connected(candidates, parents, scores, shape.total_tokens)
         return select_connected(candidates, parents, scores, shape.total_tokens)
 
+    def begin(self, prefix: Sequence[int]) -> None:
+        self.prefix = list(prefix)
 
-def make_draft_source(kind: DraftKind, model_dir: Path) -> DraftSource:
+    def expand(self, frontier: Sequence[Frontier], top_k: int) -> Proposals:
+        shape = TreeShape(depth=1, top_k=top_k, total_tokens=top_k)
+        proposals = []
+        for node in frontier:
+            children = self.draft(DraftContext(self.prefix + list(node.path), shape))
+            proposals.append(list(zip(children.tokens, children.scores)))
+        return proposals
+
+    def advance(self, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+        self.prefix = list(committed[:-1])
+
+
+def make_draft_source(kind: DraftKind, model_dir: Path, head: HeadModel, vocab_size: int) -> DraftSource:
     if kind in ("int8", "bf16"):
-        return DraftLM.load(model_dir, kind)
+        return DraftLM.load(model_dir, kind, head, vocab_size)
     if kind == "ngram":
         return NgramDraft()
     raise ValueError(f"unknown draft kind {kind!r}")

@@ -12,22 +12,23 @@ import logging
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
-from transformers import AutoTokenizer, GenerationConfig
 
 from .client_protocol import ClientRequestError, pack, unpack
 from .liveness import Watchdog
-from .draft import DraftSource, NoDraft, TreeShape, make_draft_source
+from .draft import DraftSource, TreeShape, make_draft_source
 from .model_slices import HeadModel
+from .models import eos_ids
 from .protocol import Message, StageError
 from .sampling import SamplingParams
-from .scheduler import ANY_REQUEST, GenerationError, StageFailure, GenerationRequest, GenerationStats, Scheduler
+from .scheduler import (
+    ANY_REQUEST, GenerationError, GenerationRequest, GenerationStats, HeadWorkers, Scheduler, StageFailure,
+)
 from .strategies import make_strategy
 from .security import Keys
 from .topology import DecodingConfig, TopologyError, override_decoding
@@ -45,20 +46,6 @@ class Attempt:
 
 class Cancelled(Exception):
     """The client asked to stop its request."""
-
-
-def eos_ids(model_dir: Path, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    try:
-        configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:  # no generation_config.json: the tokenizer's EOS is all we have
-        configured = None
-    for value in (configured, tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(value)
-    return frozenset(ids)
 
 
 def prompt_ids(tokenizer, request: dict[str, Any]) -> list[int]:
@@ -127,7 +114,7 @@ class HeadNode:
         defaults: DecodingConfig,
         max_context: int,
         prefill_chunk: int,
-        drafts: dict[str, DraftSource],
+        drafts: dict[tuple[str, int], DraftSource],
     ) -> None:
         self.name = name
         self.model_dir = model_dir
@@ -154,8 +141,8 @@ class HeadNode:
         self.defaults = defaults
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
-        self.drafts = drafts  # loaded draft sources by kind; others load on first use
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-compute")
+        self.drafts = drafts  # loaded draft sources by (kind, draft vocabulary); others load on first use
+        self.workers = HeadWorkers.start()
         self.returns: asyncio.Queue[Message] = asyncio.Queue()
         self.jobs: deque[ClientJob] = deque()
         self.job_ready = asyncio.Event()
@@ -249,11 +236,11 @@ class HeadNode:
                 continue
             await self._serve_one(job)
 
-    def draft_source(self, kind: str) -> DraftSource:
-        if kind not in self.drafts:
-            log.info("%s: loading the %s draft", self.name, kind)
-            self.drafts[kind] = make_draft_source(kind, self.model_dir)
-        return self.drafts[kind]
+    def draft_source(self, kind: str, vocab: int) -> DraftSource:
+        if (kind, vocab) not in self.drafts:
+            log.info("%s: loading the %s draft (draft vocabulary %s)", self.name, kind, vocab or "full")
+            self.drafts[kind, vocab] = make_draft_source(kind, self.model_dir, self.head, vocab)
+        return self.drafts[kind, vocab]
 
     async def _serve_one(self, job: ClientJob) -> None:
         stream = TextStream(self.tokenizer)
@@ -293,11 +280,13 @@ class HeadNode:
     async def generate(self, ids: list[int], options: DecodingConfig, on_tokens) -> GenerationStats:
         strategy = make_strategy(options.mode, self.num_stages, options.segment_size, options.tree_top_k)
         loop = asyncio.get_running_loop()
-        draft = await loop.run_in_executor(self.compute, self.draft_source, options.draft) if strategy.uses_draft else NoDraft()
+        draft = None
+        if strategy.uses_draft:
+            draft = await loop.run_in_executor(self.workers.draft, self.draft_source, options.draft, options.draft_vocab)
         scheduler = Scheduler(
             self.head, draft, strategy,
-            TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens),
-            self.link.send, self.returns.get, self.max_context, self.prefill_chunk, self.compute, self.tracer,
+            TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens, options.tree_width),
+            self.link.send, self.returns.get, self.max_context, self.prefill_chunk, self.workers, self.tracer,
         )
         sampling = SamplingParams(options.temperature, options.top_k, options.top_p, options.seed)
         produced: list[int] = []

@@ -11,7 +11,7 @@ import inspect
 import json
 from functools import cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import transformers
@@ -150,8 +150,11 @@ def _skeleton(config: PretrainedConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_layer_window(model_dir: Path, first: int, last: int, dtype: torch.dtype) -> LayerWindow:
-    """Materialise decoder layers [first, last) from the safetensors files, nothing else."""
+def load_layer_window(
+    model_dir: Path, first: int, last: int, dtype: torch.dtype, transform: Callable[[nn.Module], nn.Module] | None = None
+) -> LayerWindow:
+    """Materialise decoder layers [first, last) from the safetensors files, nothing else; each layer
+    passes through `transform` (e.g. quantization) as soon as it is read."""
     config = load_config(model_dir)
     if not 0 <= first < last <= config.num_hidden_layers:
         raise ValueError(f"layer window [{first}, {last}) is outside the model's {config.num_hidden_layers} layers")
@@ -161,7 +164,7 @@ def load_layer_window(model_dir: Path, first: int, last: int, dtype: torch.dtype
         layer = skeleton.model.layers[i]
         weights = read_tensors(model_dir, f"model.layers.{i}.", dtype)
         layer.load_state_dict(weights, strict=True, assign=True)
-        layers.append(layer.eval())
+        layers.append(transform(layer.eval()) if transform else layer.eval())
     rotary = type(skeleton.model.rotary_emb)(config=config)  # built on the CPU: its tables are buffers
     window = LayerWindow(config, layers, first, rotary)
     leftovers = [name for name, t in window.named_buffers() if t.is_meta]
@@ -173,12 +176,17 @@ def load_layer_window(model_dir: Path, first: int, last: int, dtype: torch.dtype
 class HeadModel(nn.Module):
     """What the head keeps of the target: token embedding, final norm, lm_head."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, num_layers: int):
         super().__init__()
+        self.num_layers = num_layers  # of the whole target, which the head does not hold
         self.embed_tokens = model.model.embed_tokens
         self.norm = model.model.norm
         self.lm_head = model.lm_head
         self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
 
     @torch.inference_mode()
     def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -187,7 +195,7 @@ class HeadModel(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [n, d] -> float32 logits [n, vocab]."""
-        logits = self.lm_head(self.norm(hidden.to(self.embed_tokens.weight.dtype))).float()
+        logits = self.lm_head(self.norm(hidden.to(self.dtype))).float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -196,18 +204,15 @@ class HeadModel(nn.Module):
 def load_head_model(model_dir: Path, dtype: torch.dtype) -> HeadModel:
     # Zero decoder layers: transformers loads embedding, norm and (tied) lm_head and skips the rest.
     config = load_config(model_dir)
+    num_layers = config.num_hidden_layers
     config.num_hidden_layers = 0
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = []
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
-    return HeadModel(model.eval())
+    return HeadModel(model.eval(), num_layers)
 
 
 def load_full_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    """The whole target in one process: the reference the tests compare every mode against."""
     config = load_config(model_dir)
     return AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).eval()
-
-
-def whole_model_window(model: nn.Module) -> LayerWindow:
-    """All decoder layers of an already loaded model (the draft model runs this way)."""
-    return LayerWindow(model.config, list(model.model.layers), 0, model.model.rotary_emb)

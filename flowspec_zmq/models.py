@@ -237,6 +237,7 @@ def _convert(name: str, gguf: Path, steps: _Steps, started: float) -> None:
         with steps.step("save", "saving safetensors and tokenizer"):
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+        ensure_draft_vocabulary(staging, steps)
         marker = {
             "model": name,
             "gguf": {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": _sha256(gguf)},
@@ -253,6 +254,36 @@ def _convert(name: str, gguf: Path, steps: _Steps, started: float) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def eos_ids(model_dir: Path, tokenizer) -> frozenset[int]:
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's EOS is all we have
+        configured = None
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(value)
+    return frozenset(ids)
+
+
+def ensure_draft_vocabulary(directory: Path, progress: _Steps | None = None) -> None:
+    """Count the draft vocabulary ranking of a prepared directory once (draft_vocab.py)."""
+    from .draft_vocab import build_ranking, load_ranking
+
+    if load_ranking(directory) is not None:
+        return
+    with _offline():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    with progress.step("vocab", "ranking the draft vocabulary") if progress else nullcontext():
+        build_ranking(directory, tokenizer, eos_ids(directory, tokenizer))
+
+
 def prepare(name: str, *, install: bool = True, progress: bool = True) -> Path:
     """Install, rebuild and convert a known model once; later calls return at once.
 
@@ -261,6 +292,7 @@ def prepare(name: str, *, install: bool = True, progress: bool = True) -> Path:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
     if is_prepared(name):
+        ensure_draft_vocabulary(model_dir(name))  # caches prepared before the ranking existed
         return model_dir(name)
     spec = MODELS[name]
     started = time.perf_counter()

@@ -1,22 +1,32 @@
 """The head's decoding loop: prefill, then keep the ring fed with tree segments, verify what comes
-back, commit, prune and re-draft. The mode only changes the Strategy, never the loop."""
+back, commit, prune and grow the tree. The mode only changes the Strategy, never the loop.
+
+The loop only decides (vLLM v1's split): model work runs on two workers, each one thread. The draft
+worker grows the tree a frontier at a time while segments are in flight; the verify worker runs the
+lm_head once over every returned row that is waiting. The loop never waits on either to put a ready
+segment into the ring (embedding a segment is a table lookup, done inline)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
-from .draft import DraftContext, DraftSource, TreeShape
+import torch
+
+from .draft import DraftSource, Frontier, Proposals, TreeShape
 from .model_slices import HeadModel
 from .protocol import Message, Prune, Release, Segment, StageError
 from .sampling import SamplingParams, pick_tokens
 from .strategies import Strategy
 from .trace import Tracer
 from .tree import ROOT_PARENT, Node, TokenTree
+
+log = logging.getLogger(__name__)
 
 
 ANY_REQUEST = -1  # request id of a failure that concerns whatever request is running
@@ -54,10 +64,14 @@ class GenerationStats:
     token_times: list[float] = field(default_factory=list)  # seconds since decode start, per token
     stop_reason: str = ""
     recoveries: int = 0  # times the ring was re-prefilled after a stage failure
+    draft_steps: int = 0  # draft forwards (one expands up to `width` frontier nodes)
+    verify_batches: int = 0  # lm_head calls over returned rows
+    stale_proposals: int = 0  # draft children dropped because a prune removed their parent first
 
     @property
     def accepted_per_verification(self) -> float:
         return len(self.tokens) / self.verifications if self.verifications else 0.0
+
 
 
 Send = Callable[[Message], Awaitable[None]]
@@ -65,41 +79,87 @@ Receive = Callable[[], Awaitable[Message]]
 OnTokens = Callable[[list[int]], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class HeadWorkers:
+    """The head's two compute threads: work on each runs in submission order."""
+
+    draft: ThreadPoolExecutor
+    verify: ThreadPoolExecutor
+
+    @staticmethod
+    def start() -> HeadWorkers:
+        return HeadWorkers(ThreadPoolExecutor(1, thread_name_prefix="head-draft"),
+                           ThreadPoolExecutor(1, thread_name_prefix="head-verify"))
+
+
+@dataclass
+class Flight:
+    """One request's decoding state, owned by the event loop."""
+
+    tree: TokenTree
+    committed: list[int]
+    in_flight: dict[int, set[int]] = field(default_factory=dict)  # segment seq -> its nodes still alive
+    returned: list[Segment] = field(default_factory=list)  # back from the ring, waiting for verification
+    version: int = 0
+    drafting: asyncio.Future | None = None  # the draft step running now
+    draft_nodes: tuple[Frontier, ...] = ()  # its frontier
+    verifying: asyncio.Future | None = None  # the verification running now
+    verify_rows: tuple[list[int], list[int]] = ((), ())  # its node ids and next positions
+    draft_failure: BaseException | None = None
+
+
 class Scheduler:
     def __init__(
         self,
         head: HeadModel,
-        draft: DraftSource,
+        draft: DraftSource | None,
         strategy: Strategy,
         tree_shape: TreeShape,
         send: Send,
         receive: Receive,
         max_context: int,
         prefill_chunk: int,
-        compute: ThreadPoolExecutor,
+        workers: HeadWorkers,
         tracer: Tracer,
     ) -> None:
         self.head = head
-        self.draft_source = draft
+        self.draft = draft if strategy.uses_draft else None
         self.strategy = strategy
         self.tree_shape = tree_shape
         self._send = send
         self._receive = receive
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
-        self.compute = compute  # one head thread: model work runs in order, the event loop stays free
+        self.workers = workers
         self.tracer = tracer
 
-    async def _run(self, what: str, fn, *args):
-        with self.tracer.span(what):
-            return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+    def _on(self, executor: ThreadPoolExecutor, what: str, fn: Callable[..., Any], *args) -> asyncio.Future:
+        def traced():
+            with self.tracer.span(what):
+                return fn(*args)
+
+        return asyncio.wrap_future(executor.submit(traced))
+
+    def _targets(self, hidden: torch.Tensor, next_positions: list[int], sampling: SamplingParams) -> list[int]:
+        """The target's tokens after every row: one full-vocabulary lm_head call for all of them."""
+        return pick_tokens(self.head.logits(hidden), next_positions, sampling)
+
+    def _draft_update(self, flight: Flight, fn: Callable[..., None], *args) -> None:
+        """Queue draft bookkeeping (begin/advance) in order with the draft steps; a failure stops
+        the request at the next loop turn instead of corrupting later proposals."""
+
+        def check(future: Future) -> None:
+            if future.exception() is not None:
+                flight.draft_failure = future.exception()
+
+        self.workers.draft.submit(fn, *args).add_done_callback(check)
 
     async def _send_segment(
         self, stats: GenerationStats, request_id: int, seq: int, commit: bool, tokens: list[int],
         node_ids: list[int], parents: list[int], positions: list[int],
     ) -> None:
-        hidden = await self._run("embed", self.head.embed, tokens)
         with self.tracer.span("send", request_id, seq, len(tokens)):
+            hidden = self.head.embed(tokens)
             await self._send(Segment(request_id, seq, commit, tuple(node_ids), tuple(parents), tuple(positions), hidden))
         stats.segments_sent += 1
         stats.rows_sent += len(tokens)
@@ -140,83 +200,168 @@ class Scheduler:
             await self._send_segment(stats, request_id, seq, True, tokens, positions, [ROOT_PARENT] * len(tokens), positions)
         while (returned := await self._next_for(request_id, [])).seq != len(chunks) - 1:
             pass
-        logits = await self._run("logits", self.head.logits, returned.hidden)
+        targets = await self._on(self.workers.verify, "logits", self._targets,
+                                 returned.hidden[-1:], [len(prompt)], request.sampling)
         stats.prefill_s = time.perf_counter() - start
-        return pick_tokens(logits, [len(prompt)], request.sampling)[0]
-
-    def _draft_shape(self, tree: TokenTree) -> TreeShape:
-        room = self.max_context - 1 - tree.nodes[tree.root].position
-        return TreeShape(min(self.tree_shape.depth, max(room, 0)), self.tree_shape.top_k, self.tree_shape.total_tokens)
+        return targets[0]
 
     async def _decode(self, request_id, request: GenerationRequest, prompt, stats: GenerationStats, on_tokens) -> None:
-        strategy = self.strategy
+        flight = Flight(TokenTree(0, len(prompt)), prompt)  # the real root comes out of the prefill
+        if self.draft is not None:
+            self._draft_update(flight, self.draft.begin, list(prompt))  # beside the target's prefill
         first = await self._prefill(request_id, request, prompt, stats)
         decode_start = time.perf_counter()
-        committed = prompt + [first]
         stats.tokens.append(first)
         stats.token_times.append(0.0)
         await on_tokens([first])
         if first in request.eos_ids or request.max_new_tokens <= 1:
             stats.stop_reason = "eos" if first in request.eos_ids else "length"
             return
-        tree = TokenTree(first, len(prompt))
-        in_flight: dict[int, set[int]] = {}  # segment seq -> its nodes still alive
+        flight = Flight(TokenTree(first, len(prompt)), prompt + [first], draft_failure=flight.draft_failure)
         seqs = itertools.count(1 << 20)
-        version = 0
-        needs_draft = strategy.uses_draft
-        while True:
-            if needs_draft:
-                draft = await self._run("draft", self.draft_source.draft, DraftContext(committed, self._draft_shape(tree)))
-                tree.merge(draft)
-                needs_draft = False
-            while len(in_flight) < strategy.max_in_flight and (nodes := strategy.cut(tree, len(in_flight))):
-                await self._send_nodes(stats, request_id, next(seqs), tree, nodes, in_flight)
-            returned = await self._next_for(request_id, stats.tokens)
-            in_flight.pop(returned.seq, None)
-            await self._take_targets(tree, returned, request.sampling)
-            if strategy.verify_when_drained and in_flight:
-                continue
-            advance = tree.verify()
-            if not advance.tokens:
-                continue
-            stats.verifications += 1
-            new_tokens = self._clip(advance.tokens, request, len(stats.tokens))
-            committed.extend(new_tokens)
-            stats.tokens.extend(new_tokens)
-            now = time.perf_counter() - decode_start
-            stats.token_times.extend([now] * len(new_tokens))
-            await on_tokens(new_tokens)
-            if new_tokens[-1] in request.eos_ids or len(stats.tokens) >= request.max_new_tokens:
-                stats.stop_reason = "eos" if new_tokens[-1] in request.eos_ids else "length"
-                break
-            version += 1
-            await self._send(Prune(request_id, version, advance.accepted, advance.survivors))
-            alive = set(advance.survivors)
-            in_flight = {s: nodes & alive for s, nodes in in_flight.items() if nodes & alive}
-            fresh_root = not tree.nodes[tree.root].sent
-            needs_draft = strategy.uses_draft and (strategy.redraft_after_progress or fresh_root)
+        receiving = asyncio.ensure_future(self._next_for(request_id, stats.tokens))
+        try:
+            while True:
+                if flight.draft_failure is not None:
+                    raise GenerationError(f"the draft failed: {flight.draft_failure!r}", stats.tokens)
+                await self._feed(flight, stats, request_id, seqs)
+                self._start_verification(flight, request.sampling, stats)
+                self._start_draft_step(flight, stats)
+                waiting = [f for f in (receiving, flight.drafting, flight.verifying) if f is not None]
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if receiving in done:
+                    returned = receiving.result()
+                    receiving = asyncio.ensure_future(self._next_for(request_id, stats.tokens))
+                    flight.in_flight.pop(returned.seq, None)
+                    flight.returned.append(returned)
+                if flight.drafting in done:
+                    self._grow(flight, flight.drafting.result(), stats)
+                if flight.verifying in done:
+                    if await self._commit(flight, flight.verifying.result(), request, request_id, stats,
+                                          decode_start, on_tokens):
+                        break
+        finally:
+            receiving.cancel()
+            for future in (flight.drafting, flight.verifying):
+                if future is not None:  # finishing on its worker; nobody needs its result
+                    future.add_done_callback(lambda f: f.cancelled() or f.exception())
         stats.decode_s = time.perf_counter() - decode_start
 
-    async def _send_nodes(self, stats, request_id: int, seq: int, tree: TokenTree, nodes: list[Node], in_flight) -> None:
+    # -- feeding the ring ----------------------------------------------------------------------------
+    def _draft_settled(self, flight: Flight) -> bool:
+        """The tree will not grow right now: no draft step runs and none could start."""
+        return self.draft is None or (flight.drafting is None and not self._frontier(flight))
+
+    async def _feed(self, flight: Flight, stats: GenerationStats, request_id: int, seqs) -> None:
+        strategy = self.strategy
+        while len(flight.in_flight) < strategy.max_in_flight:
+            if strategy.send_when_settled and not self._draft_settled(flight):
+                return
+            nodes = strategy.cut(flight.tree, len(flight.in_flight))
+            if not nodes:
+                return
+            await self._send_nodes(stats, request_id, next(seqs), flight, nodes)
+
+    async def _send_nodes(self, stats, request_id: int, seq: int, flight: Flight, nodes: list[Node]) -> None:
+        tree = flight.tree
         tree.mark_sent(nodes)
-        in_flight[seq] = {n.id for n in nodes}
-        root = tree.root
+        flight.in_flight[seq] = {n.id for n in nodes}
         await self._send_segment(
             stats, request_id, seq, False,
             [n.token for n in nodes],
             [n.id for n in nodes],
-            [ROOT_PARENT if n.id == root else n.parent for n in nodes],
+            [ROOT_PARENT if n.id == tree.root else n.parent for n in nodes],
             [n.position for n in nodes],
         )
 
-    async def _take_targets(self, tree: TokenTree, returned: Segment, sampling: SamplingParams) -> None:
-        rows = [i for i, node in enumerate(returned.node_ids) if node in tree]
-        if not rows:
+    # -- drafting ----------------------------------------------------------------------------------
+    def _frontier(self, flight: Flight) -> list[Frontier]:
+        """The best nodes the draft has not expanded yet, within the tree's depth and size budget."""
+        tree, shape = flight.tree, self.tree_shape
+        if flight.drafting is not None or tree.pending() >= shape.total_tokens:
+            return []
+        last_position = self.max_context - 2  # a child must still fit in the context
+        candidates = [
+            n for n in tree.nodes.values()
+            if not n.expanded and n.depth < shape.depth and n.position <= last_position and n.target is None
+        ]
+        candidates.sort(key=lambda n: (-n.score, n.depth, n.id))
+        return [
+            Frontier(n.id, ROOT_PARENT if n.id == tree.root else n.parent, n.position,
+                     (tree.nodes[tree.root].token, *tree.path_tokens(n.id)))
+            for n in candidates[: shape.width]
+        ]
+
+    def _start_draft_step(self, flight: Flight, stats: GenerationStats) -> None:
+        if self.draft is None or flight.drafting is not None:
             return
-        live = returned.select(rows)
-        logits = await self._run("logits", self.head.logits, live.hidden)
-        targets = pick_tokens(logits, [p + 1 for p in live.positions], sampling)
-        tree.set_targets(live.node_ids, targets)
+        if flight.in_flight and not self.strategy.draft_while_in_flight:
+            return
+        frontier = self._frontier(flight)
+        if not frontier:
+            return
+        flight.draft_nodes = tuple(frontier)
+        flight.drafting = self._on(self.workers.draft, "draft", self.draft.expand, frontier, self.tree_shape.top_k)
+        stats.draft_steps += 1
+
+    def _grow(self, flight: Flight, proposals: Proposals, stats: GenerationStats) -> None:
+        frontier, flight.drafting, flight.draft_nodes = flight.draft_nodes, None, ()
+        added = flight.tree.add_proposals(
+            [(f.node_id, children) for f, children in zip(frontier, proposals)],
+            budget=self.tree_shape.total_tokens,
+        )
+        stats.stale_proposals += added.stale
+
+    # -- verification --------------------------------------------------------------------------------
+    def _start_verification(self, flight: Flight, sampling: SamplingParams, stats: GenerationStats) -> None:
+        if flight.verifying is not None or not flight.returned:
+            return
+        if self.strategy.verify_when_drained and flight.in_flight:
+            return
+        tree = flight.tree
+        hidden, node_ids, positions = [], [], []
+        for segment in flight.returned:
+            rows = [i for i, node in enumerate(segment.node_ids) if node in tree]
+            if rows:
+                live = segment.select(rows)
+                hidden.append(live.hidden)
+                node_ids.extend(live.node_ids)
+                positions.extend(p + 1 for p in live.positions)
+        flight.returned = []
+        if not node_ids:
+            return
+        flight.verify_rows = (node_ids, positions)
+        flight.verifying = self._on(self.workers.verify, "logits", self._targets,
+                                    torch.cat(hidden), positions, sampling)
+        stats.verify_batches += 1
+
+    async def _commit(self, flight: Flight, targets: list[int], request: GenerationRequest, request_id: int,
+                      stats: GenerationStats, decode_start: float, on_tokens: OnTokens) -> bool:
+        """Apply a verification; True when the request is finished."""
+        (node_ids, _), flight.verifying, flight.verify_rows = flight.verify_rows, None, ((), ())
+        tree = flight.tree
+        tree.set_targets(node_ids, targets)
+        advance = tree.verify()
+        if not advance.tokens:
+            return False
+        stats.verifications += 1
+        new_tokens = self._clip(advance.tokens, request, len(stats.tokens))
+        flight.committed.extend(new_tokens)
+        stats.tokens.extend(new_tokens)
+        now = time.perf_counter() - decode_start
+        stats.token_times.extend([now] * len(new_tokens))
+        await on_tokens(new_tokens)
+        if new_tokens[-1] in request.eos_ids or len(stats.tokens) >= request.max_new_tokens:
+            stats.stop_reason = "eos" if new_tokens[-1] in request.eos_ids else "length"
+            return True
+        flight.version += 1
+        await self._send(Prune(request_id, flight.version, advance.accepted, advance.survivors))
+        alive = set(advance.survivors)
+        flight.in_flight = {s: nodes & alive for s, nodes in flight.in_flight.items() if nodes & alive}
+        if self.draft is not None:
+            self._draft_update(flight, self.draft.advance, advance.accepted, frozenset(tree.nodes),
+                               list(flight.committed))
+        return False
 
     @staticmethod
     def _clip(tokens: Sequence[int], request: GenerationRequest, have: int) -> list[int]:

@@ -1,8 +1,8 @@
 """Decoding modes as strategies of the one scheduler loop.
 
-A strategy answers three questions: how many segments may be in the ring at once, which nodes form
-the next segment, and when to verify and re-draft. Everything else (the loop, verification,
-pruning, streaming) is shared.
+A strategy answers: how many segments may be in the ring at once, which nodes form the next
+segment and when it is worth sending, when to verify, and whether the draft may grow the tree while
+segments are in flight. Everything else (the loop, verification, pruning, streaming) is shared.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class Strategy:
     max_in_flight: int
     cut: Cut
     verify_when_drained: bool  # one tree at a time: verify only after every segment returned
-    redraft_after_progress: bool  # else draft only when a round starts from a fresh root
+    send_when_settled: bool  # one tree at a time: send only once the draft has finished the tree
+    draft_while_in_flight: bool  # grow the tree below nodes that are still being verified
     uses_draft: bool
 
 
@@ -59,11 +60,11 @@ def cut_by_layer(width: int) -> Cut:
 
 def make_strategy(mode: Mode, num_stages: int, segment_size: int, layer_width: int) -> Strategy:
     if mode == "ar":
-        return Strategy(mode, 1, cut_by_score(1), False, False, uses_draft=False)
+        return Strategy(mode, 1, cut_by_score(1), False, False, False, uses_draft=False)
     if mode == "tree":
-        return Strategy(mode, num_stages, cut_into_parts(num_stages), True, False, uses_draft=True)
+        return Strategy(mode, num_stages, cut_into_parts(num_stages), True, True, False, uses_draft=True)
     if mode == "specpipe":
-        return Strategy(mode, num_stages, cut_by_layer(layer_width), False, True, uses_draft=True)
+        return Strategy(mode, num_stages, cut_by_layer(layer_width), False, False, True, uses_draft=True)
     if mode == "flowspec":
-        return Strategy(mode, num_stages, cut_by_score(segment_size), False, True, uses_draft=True)
+        return Strategy(mode, num_stages, cut_by_score(segment_size), False, False, True, uses_draft=True)
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

@@ -47,6 +47,8 @@ class DecodingConfig:
     tree_total_tokens: int = 64
     tree_depth: int = 5
     tree_top_k: int = 8
+    tree_width: int = 4
+    draft_vocab: int = 32768
     segment_size: int = 16
     prefill_chunk: int = 64
 
@@ -212,9 +214,18 @@ def _decoding(path: str, table: Any, where: str = "decoding") -> DecodingConfig:
         tree_total_tokens=r.positive("tree_total_tokens", d.tree_total_tokens, limit=MAX_TREE),
         tree_depth=r.positive("tree_depth", d.tree_depth, limit=MAX_TREE),
         tree_top_k=r.positive("tree_top_k", d.tree_top_k, limit=MAX_TREE),
+        tree_width=r.positive("tree_width", d.tree_width, limit=MAX_TREE),
+        draft_vocab=_draft_vocab(r, d.draft_vocab),
         segment_size=r.positive("segment_size", d.segment_size, limit=MAX_TREE),
         prefill_chunk=r.positive("prefill_chunk", d.prefill_chunk),
     )
+
+
+def _draft_vocab(r: _Reader, default: int) -> int:
+    value = r.get("draft_vocab", int, default)
+    if value < 0:
+        r.fail("draft_vocab", "must be >= 0 (0: the whole vocabulary)")
+    return value
 
 
 def override_decoding(base: DecodingConfig, overrides: dict[str, Any]) -> DecodingConfig:

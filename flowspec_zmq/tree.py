@@ -24,6 +24,7 @@ class Node:
     position: int
     score: float
     sent: bool = False
+    expanded: bool = False  # the draft has proposed this node's children
     # The target's choice of the next token after this node, once its hidden state came back.
     target: int | None = None
     children: dict[int, int] = field(default_factory=dict)  # token -> child id
@@ -40,6 +41,15 @@ class DraftTree:
     @staticmethod
     def empty() -> DraftTree:
         return DraftTree((), (), ())
+
+
+@dataclass(frozen=True)
+class Added:
+    """What a draft step added: new node ids, and children dropped because a verification removed
+    their parent while the step ran (stale proposals)."""
+
+    created: tuple[int, ...]
+    stale: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,29 @@ class TokenTree:
                 self.nodes[node_id].score = max(self.nodes[node_id].score, score)
             mapped.append(node_id)
         return created
+
+    def pending(self) -> int:
+        """Draft nodes the target has not judged yet (the root does not count)."""
+        return sum(1 for n in self.nodes.values() if n.target is None and n.id != self.root)
+
+    def add_proposals(self, proposals: Sequence[tuple[int, Sequence[tuple[int, float]]]], budget: int) -> Added:
+        """Graft a draft step's children ((parent id, [(token, log-prob)])) by cumulative score,
+        best first, while fewer than `budget` nodes are pending. A parent that is gone (pruned while
+        the step ran) drops its children: they were drafted for a branch that no longer exists."""
+        stale = 0
+        candidates: list[tuple[float, int, int]] = []
+        for parent_id, children in proposals:
+            parent = self.nodes.get(parent_id)
+            if parent is None:
+                stale += len(children)
+                continue
+            parent.expanded = True
+            candidates.extend((parent.score + logprob, parent_id, token)
+                              for token, logprob in children if token not in parent.children)
+        candidates.sort(key=lambda c: -c[0])
+        room = budget - self.pending()
+        created = tuple(self.add_child(parent_id, token, score) for score, parent_id, token in candidates[: max(room, 0)])
+        return Added(created, stale)
 
     def path_tokens(self, node_id: int) -> list[int]:
         """Tokens from just below the root down to this node."""

@@ -30,7 +30,9 @@ async def serve(topology_path: Path, name: str) -> None:
     defaults = topology.decoding
     # Load the default draft before any socket exists: the event loop must never stall while
     # peers are connecting (their handshakes and first messages would wait on it).
-    drafts = {defaults.draft: make_draft_source(defaults.draft, model_dir)} if defaults.mode != "ar" else {}
+    drafts = {}
+    if defaults.mode != "ar":
+        drafts[defaults.draft, defaults.draft_vocab] = make_draft_source(defaults.draft, model_dir, head, defaults.draft_vocab)
     log.info("loaded in %.1f s", time.perf_counter() - started)
     context, plain = contexts()
     keys = secure(plain, topology, name)

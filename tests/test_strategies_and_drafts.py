@@ -257,20 +257,20 @@ def test_make_strategy_modes(mode) -> None:
     segments = drain(tree, strategy.cut, strategy.max_in_flight)
     if mode == "ar":
         assert (strategy.max_in_flight, strategy.uses_draft) == (1, False)
-        assert not strategy.verify_when_drained and not strategy.redraft_after_progress
+        assert not strategy.verify_when_drained and not strategy.send_when_settled
         assert segments == [[tree.root]]
     elif mode == "tree":  # Chunk-PP: the whole tree in `stages` parts, verified once all return
         assert (strategy.max_in_flight, strategy.uses_draft) == (stages, True)
-        assert strategy.verify_when_drained and not strategy.redraft_after_progress
+        assert strategy.verify_when_drained and strategy.send_when_settled and not strategy.draft_while_in_flight
         assert len(segments) == stages and [i for s in segments for i in s] == expected
     elif mode == "specpipe":  # one tree layer per step, `layer_width` wide
         assert (strategy.max_in_flight, strategy.uses_draft) == (stages, True)
-        assert not strategy.verify_when_drained and strategy.redraft_after_progress
+        assert not strategy.verify_when_drained and strategy.draft_while_in_flight
         assert [len(s) for s in segments] == [1, 3, 5, 4]
         assert [{tree.nodes[i].depth for i in s} for s in segments] == [{0}, {1}, {2}, {2}]
     else:  # flowspec: best `segment_size` nodes per step
         assert (strategy.max_in_flight, strategy.uses_draft) == (stages, True)
-        assert not strategy.verify_when_drained and strategy.redraft_after_progress
+        assert not strategy.verify_when_drained and strategy.draft_while_in_flight
         assert segments == [expected[i : i + segment_size] for i in range(0, stages * segment_size, segment_size)]
 
 

@@ -420,3 +420,36 @@ def test_merged_drafts_after_a_reroot_rank_with_old_nodes() -> None:
     assert abs(tree.nodes[n["t2"]].score - (-0.1)) < 1e-12
     assert abs(tree.nodes[n["t4"]].score - (-0.3)) < 1e-12
     assert [x.token for x in tree.unsent()] == [2, 4, 7, 3]
+
+
+# -- incremental drafting: proposals for frontier nodes ------------------------------------------------
+
+def test_proposals_grow_the_tree_by_score_within_the_budget() -> None:
+    tree = TokenTree(100, 9)
+    added = tree.add_proposals([(tree.root, [(1, -0.1), (2, -1.0), (3, -2.0)])], budget=2)
+    assert added.stale == 0 and len(added.created) == 2  # the budget keeps only the two best
+    assert [tree.nodes[i].token for i in added.created] == [1, 2]
+    assert tree.nodes[tree.root].expanded and tree.pending() == 2
+    one = tree.nodes[tree.root].children[1]
+    added = tree.add_proposals([(one, [(7, -0.5), (8, -3.0)])], budget=3)
+    child = tree.nodes[added.created[0]]
+    assert (child.token, child.depth, child.position, child.score) == (7, 2, 11, pytest.approx(-0.6))
+    assert tree.add_proposals([(one, [(7, -0.5)])], budget=10).created == ()  # no duplicate siblings
+
+
+def test_proposals_whose_parent_a_verification_removed_are_dropped() -> None:
+    tree = TokenTree(100, 9)
+    tree.add_proposals([(tree.root, [(1, -0.1), (2, -1.0)])], budget=8)
+    one, two = tree.nodes[tree.root].children[1], tree.nodes[tree.root].children[2]
+    tree.mark_sent(tree.unsent())
+    # A draft step for both children is running when the target picks token 1 after the root.
+    tree.set_targets([tree.root], [1])
+    advance = tree.verify()
+    assert advance.tokens == (1,) and tree.root == one and two not in tree
+    before = {i: (n.token, n.parent, n.depth, n.position) for i, n in tree.nodes.items()}
+    added = tree.add_proposals([(one, [(5, -0.2)]), (two, [(6, -0.1), (7, -0.3)])], budget=8)
+    assert added.stale == 2
+    (five,) = added.created
+    assert tree.nodes[five].parent == one and tree.nodes[five].token == 5
+    assert {i: (n.token, n.parent, n.depth, n.position) for i, n in tree.nodes.items() if i != five} == before
+    assert check_unsent_order(tree) == [tree.nodes[five]]

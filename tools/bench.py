@@ -54,7 +54,8 @@ from .bench_metrics import RunRecord, load_spans, mismatches, node_times, pace_o
 from .edge_profiles import DEFAULT_PROFILE, EdgeProfile, ProfileError, load_edge_profile
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
-TREE_FLAGS = ("segment_size", "tree_depth", "tree_top_k", "tree_total_tokens", "prefill_chunk")
+TREE_FLAGS = ("segment_size", "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab",
+              "prefill_chunk")
 # Tuned on the 4-stage edge testbed (Gemma-3-270M, int8 draft; README "Benchmarks"): the head's
 # real per-verification cost (draft + lm_head over 262k tokens) grows with the tree, so a narrower
 # tree (4 children per node, 32 nodes) in segments of 12 beats the topology's 8/64/16.
@@ -196,10 +197,19 @@ def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num
     try:
         head = cluster.topology.head
         runs = uvloop.run(measure(f"tcp://{head.host}:{head.client_port}", settings, prompts, prompt_ids, progress, task))
+        memory = {name: resident_mb(node.process.pid) for name, node in cluster.nodes.items()}
     finally:
         cluster.stop()
     progress.update(task, description=f"{config.name}: done")
-    return analyse(config, settings, runs, profiles, folder)
+    return analyse(config, settings, runs, profiles, folder) | {"resident_mb": memory}
+
+
+def resident_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS), after the benchmark's requests."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
@@ -449,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         console.print(table(results, title))
     for result in results:
+        if memory := result.get("resident_mb"):
+            console.print(f"{result['name']}: resident MB " + ", ".join(f"{n} {mb:.0f}" for n, mb in memory.items()))
         for bad in result["mismatches"]:
             console.print(f"[red]MISMATCH[/red] {result['name']}: prompt {bad['prompt']} ({bad['category']}) {bad['mode']} "
                           f"differs from {bad['reference']} at token {bad['first_difference']}")

@@ -15,8 +15,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 MODE_COLORS = {"ar": "#9e9e9e", "tree": "#4c72b0", "specpipe": "#dd8452", "flowspec": "#55a868"}
-KIND_COLORS = {"segment": "#4c72b0", "draft": "#8172b3", "logits": "#dd8452", "embed": "#937860",
+KIND_COLORS = {"segment": "#4c72b0", "draft": "#8172b3", "logits": "#dd8452",
                "prune": "#c44e52", "release": "#da8bc3"}
+# The head's draft worker runs beside its verify worker: draw them as two half-height bands.
+HEAD_BANDS = {"draft": (-0.35, 0.34), "logits": (0.01, 0.34)}
 
 
 def speedup_chart(configs: list[dict[str, Any]], modes: list[str], path: Path, title: str) -> Path:
@@ -55,7 +57,8 @@ def gantt(lanes: dict[str, list[dict[str, Any]]], nodes: list[str], seconds: flo
             for kind, color in KIND_COLORS.items():
                 bars = [(s["start"], s["end"] - s["start"]) for s in spans if s["node"] == node and s["what"] == kind]
                 if bars:
-                    ax.broken_barh(bars, (row - 0.35, 0.7), facecolors=color, edgecolors="white", linewidth=0.4)
+                    offset, height = HEAD_BANDS.get(kind, (-0.35, 0.7)) if node == "head" else (-0.35, 0.7)
+                    ax.broken_barh(bars, (row + offset, height), facecolors=color, edgecolors="white", linewidth=0.4)
             sends = [s["start"] for s in spans if s["node"] == node and s["what"] == "send"]
             ax.vlines(sends, row + 0.38, row + 0.5, colors="black", linewidth=0.7)
         ax.set_yticks(range(len(nodes)), nodes, fontsize=8)

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     for name in names:
         if is_prepared(name):
+            prepare(name)  # adds what newer versions store beside the weights (the draft vocabulary)
             console.print(f"[green]✓[/] {name}: already prepared in {model_dir(name)}")
             continue
         started = time.perf_counter()

@@ -29,7 +29,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flowspec_zmq.draft import DraftContext, DraftLM, TreeShape
+from flowspec_zmq.draft import DraftLM, Frontier, TreeShape
+from flowspec_zmq.tree import ROOT_PARENT
 from flowspec_zmq.model_slices import load_config, load_head_model, load_layer_window
 from flowspec_zmq.models import resolve_model_dir
 from flowspec_zmq.tree import ROOT_PARENT
@@ -88,16 +89,23 @@ def profile_window(model_dir: Path, first: int, last: int, context: int, repeats
     return result
 
 
-def profile_head(model_dir: Path, context: int, repeats: int, shape: TreeShape) -> dict[str, float]:
-    """The head's unpaced work: lm_head over n rows, and one int8 draft tree of `shape`."""
+def profile_head(model_dir: Path, context: int, repeats: int, shape: TreeShape, vocab: int) -> dict[str, float]:
+    """The head's unpaced work: lm_head over n rows, and one int8 draft step (expanding `width`
+    frontier nodes) with a draft vocabulary of `vocab` tokens (0: all)."""
     head = load_head_model(model_dir, torch.float32)
     hidden = torch.randn(max(ROWS), head.embed_tokens.weight.shape[1])
     out = {f"logits_{rows}_ms": median_ms(lambda: head.logits(hidden[:rows]), repeats) for rows in (1, 16)}
-    draft = DraftLM.load(model_dir, "int8")
+    draft = DraftLM.load(model_dir, "int8", head, vocab)
     tokens = list(range(1000, 1000 + context))
-    draft._sync(tokens)  # the committed context is cached once, as during a request
-    out["draft_ms"] = median_ms(lambda: draft.draft(DraftContext(tokens, shape)), max(3, repeats // 3))
-    out.update({"draft_depth": shape.depth, "draft_top_k": shape.top_k, "draft_total": shape.total_tokens})
+    draft.begin(tokens[:-1])  # the committed context is cached once, as during a request
+    frontier = [Frontier(i, ROOT_PARENT, context - 1, (tokens[-1],)) for i in range(shape.width)]
+
+    def step() -> None:
+        draft.expand(frontier, shape.top_k)
+        draft.cache.prune((), ())
+
+    out["draft_step_ms"] = median_ms(step, repeats)
+    out.update({"draft_width": shape.width, "draft_top_k": shape.top_k, "draft_vocab": vocab})
     return out
 
 
@@ -111,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: this machine's cores / --share, as for a local ring)")
     parser.add_argument("--share", type=int, default=1, help="processes sharing the cores, as in a local ring of N nodes")
-    parser.add_argument("--head", action="store_true", help="also time the head's logits and one int8 draft tree")
-    parser.add_argument("--tree", default="5,8,64", help="draft tree depth,top_k,total for --head")
+    parser.add_argument("--head", action="store_true", help="also time the head's logits and one int8 draft step")
+    parser.add_argument("--draft-step", default="4,4", help="frontier width,top_k of the draft step for --head")
+    parser.add_argument("--draft-vocab", type=int, default=32768, help="draft vocabulary for --head (0: all)")
     parser.add_argument("--out", type=Path, default=None, help="write the measurements as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.share))
@@ -142,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "median_ms": times,
               "window": asdict(fit), "per_layer": asdict(per_layer)}
     if args.head:
-        depth, top_k, total = (int(v) for v in args.tree.split(","))
-        head = profile_head(model_dir, args.context, args.repeats, TreeShape(depth, top_k, total))
+        width, top_k = (int(v) for v in args.draft_step.split(","))
+        head = profile_head(model_dir, args.context, args.repeats, TreeShape(top_k=top_k, width=width), args.draft_vocab)
         console.print("head: " + ", ".join(f"{k} = {v:.1f}" if isinstance(v, float) else f"{k} = {v}" for k, v in head.items()))
         report["head"] = head
     if args.out:

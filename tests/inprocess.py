@@ -1,0 +1,92 @@
+"""The ring in one process: the head's Scheduler and real StageNodes with real layer windows, joined
+by asyncio queues instead of sockets. Logic tests (scheduling, drafting, pruning) run here in
+seconds; the end-to-end tests keep real processes and real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from flowspec_zmq.draft import DraftSource, TreeShape
+from flowspec_zmq.emulation import DeviceProfile
+from flowspec_zmq.model_slices import HeadModel, load_config, load_layer_window
+from flowspec_zmq.protocol import Message, Prune
+from flowspec_zmq.scheduler import GenerationRequest, GenerationStats, HeadWorkers, Scheduler
+from flowspec_zmq.sampling import SamplingParams
+from flowspec_zmq.stage_node import StageNode
+from flowspec_zmq.strategies import Mode, make_strategy
+from flowspec_zmq.trace import Tracer
+
+
+class QueueLink:
+    """A StageNode's place in the ring, over asyncio queues."""
+
+    def __init__(self, inbound: asyncio.Queue, outbound: asyncio.Queue) -> None:
+        self.inbound, self.outbound = inbound, outbound
+
+    async def receive(self) -> Message:
+        return await self.inbound.get()
+
+    async def send(self, message: Message) -> None:
+        await self.outbound.put(message)
+
+
+@dataclass
+class InProcessRing:
+    head: HeadModel
+    stages: list[StageNode]
+    first: asyncio.Queue
+    returns: asyncio.Queue
+    workers: HeadWorkers
+    prunes: int = 0  # prune messages the head has sent so far
+
+    async def send(self, message: Message) -> None:
+        self.prunes += isinstance(message, Prune)
+        await self.first.put(message)
+
+    async def generate(
+        self, prompt_ids: list[int], draft: DraftSource | None, mode: Mode, max_new_tokens: int,
+        shape: TreeShape = TreeShape(depth=4, top_k=3, total_tokens=16, width=3), segment_size: int = 6,
+        request_id: int = 1,
+    ) -> GenerationStats:
+        strategy = make_strategy(mode, len(self.stages), segment_size, shape.top_k)
+        scheduler = Scheduler(self.head, draft, strategy, shape, self.send, self.returns.get, 512, 32,
+                              self.workers, Tracer("head", None))
+        request = GenerationRequest(tuple(prompt_ids), max_new_tokens, SamplingParams(), frozenset())
+
+        async def ignore(_: list[int]) -> None:
+            pass
+
+        return await scheduler.generate(request_id, request, ignore)
+
+
+def stage_windows(model_dir: Path, num_stages: int) -> list:
+    layers = load_config(model_dir).num_hidden_layers
+    bounds = [layers * i // num_stages for i in range(num_stages + 1)]
+    return [load_layer_window(model_dir, a, b, torch.float32) for a, b in zip(bounds, bounds[1:])]
+
+
+@asynccontextmanager
+async def in_process_ring(
+    head: HeadModel, windows: list, profile: DeviceProfile | None = None
+) -> AsyncIterator[InProcessRing]:
+    """Stages paced to `profile` (if given) so that segments really overlap in the pipeline."""
+    queues = [asyncio.Queue() for _ in range(len(windows) + 1)]
+    stages = [
+        StageNode(f"stage{i + 1}", window, QueueLink(queues[i], queues[i + 1]), i == len(windows) - 1, 512,
+                  Tracer(f"stage{i + 1}", None), profile)
+        for i, window in enumerate(windows)
+    ]
+    tasks = [asyncio.create_task(stage.run()) for stage in stages]
+    ring = InProcessRing(head, stages, queues[0], queues[-1], HeadWorkers.start())
+    try:
+        yield ring
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

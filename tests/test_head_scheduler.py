@@ -1,0 +1,142 @@
+"""The head's scheduler, draft worker and verify worker in one process with real stage logic and
+real SmolLM2 weights (tests/inprocess.py): losslessness of every mode, that speculation really
+happens, that drafts made stale by a prune are dropped, and that the draft's re-rooted KV cache
+proposes what a fresh draft would."""
+
+from __future__ import annotations
+
+import time
+from typing import Collection, Sequence
+
+import pytest
+import torch
+
+from flowspec_zmq.draft import DraftLM, DraftSource, Frontier, NgramDraft, Proposals
+from flowspec_zmq.emulation import DeviceProfile
+from flowspec_zmq.model_slices import load_head_model, load_layer_window
+from flowspec_zmq.strategies import MODES
+from flowspec_zmq.tree import ROOT_PARENT
+
+from .conftest import PROMPTS
+from .inprocess import InProcessRing, in_process_ring, stage_windows
+
+NEW_TOKENS = 24
+PACED = DeviceProfile(fixed_ms=8.0, per_token_ms=0.2)  # segments overlap in the pipeline
+
+
+@pytest.fixture(scope="module")
+def head(model_dir):
+    return load_head_model(model_dir, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def windows(model_dir):
+    return stage_windows(model_dir, 3)
+
+
+@pytest.fixture(scope="module")
+def int8_draft(model_dir, head):
+    return DraftLM.load(model_dir, "int8", head, 32768)
+
+
+def prompt_ids(tokenizer, name: str) -> list[int]:
+    return tokenizer(PROMPTS[name])["input_ids"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("prompt", sorted(PROMPTS))
+async def test_every_mode_is_the_targets_greedy_output(head, windows, int8_draft, tokenizer, reference, mode, prompt):
+    async with in_process_ring(head, windows, PACED) as ring:
+        stats = await ring.generate(prompt_ids(tokenizer, prompt), None if mode == "ar" else int8_draft, mode, NEW_TOKENS)
+    assert stats.tokens == reference(PROMPTS[prompt], NEW_TOKENS)
+
+
+async def test_flowspec_really_speculates(head, windows, int8_draft, tokenizer, reference):
+    """A silent fall-back to one token per verification would still be lossless; it must not pass."""
+    async with in_process_ring(head, windows, PACED) as ring:
+        stats = await ring.generate(prompt_ids(tokenizer, "code"), int8_draft, "flowspec", NEW_TOKENS)
+    assert stats.tokens == reference(PROMPTS["code"], NEW_TOKENS)
+    assert stats.accepted_per_verification >= 2.0
+    # Incremental expansion: about one draft step per verification, not a redraw of every layer.
+    assert stats.draft_steps <= 2.5 * stats.verifications
+
+
+class WaitsForPrune:
+    """A draft whose every step returns only after the head has sent one more prune: each step's
+    proposals arrive after a verification changed the tree, so some of their parents are gone."""
+
+    def __init__(self, draft: DraftSource, ring: InProcessRing) -> None:
+        self.draft, self.ring = draft, ring
+
+    def begin(self, prefix: Sequence[int]) -> None:
+        self.draft.begin(prefix)
+
+    def expand(self, frontier: Sequence[Frontier], top_k: int) -> Proposals:
+        seen, deadline = self.ring.prunes, time.monotonic() + 2.0
+        while self.ring.prunes == seen and time.monotonic() < deadline:
+            time.sleep(0.002)
+        return self.draft.expand(frontier, top_k)
+
+    def advance(self, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+        self.draft.advance(accepted, keep, committed)
+
+
+@pytest.mark.parametrize("make_draft", ["int8", "ngram"])
+async def test_drafts_made_stale_by_a_prune_are_dropped(head, windows, int8_draft, tokenizer, reference, make_draft):
+    draft = int8_draft if make_draft == "int8" else NgramDraft()
+    async with in_process_ring(head, windows, PACED) as ring:
+        stats = await ring.generate(prompt_ids(tokenizer, "code"), WaitsForPrune(draft, ring), "flowspec", NEW_TOKENS)
+    assert stats.stale_proposals > 0
+    assert stats.tokens == reference(PROMPTS["code"], NEW_TOKENS)
+
+
+# -- the draft's own KV cache follows the tree --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def float32_drafts(model_dir, head):
+    """Two float32 drafts (deterministic enough to compare log-probs): one re-rooted, one fresh."""
+
+    def make() -> DraftLM:
+        window = load_layer_window(model_dir, 0, head.num_layers, torch.float32)
+        return DraftLM(window, head, head.lm_head, None)
+
+    return make(), make()
+
+
+def top(proposals: Proposals) -> list[list[int]]:
+    return [[token for token, _ in children] for children in proposals]
+
+
+def assert_same(a: Proposals, b: Proposals) -> None:
+    assert top(a) == top(b)
+    for x, y in zip(a, b):
+        assert [p for _, p in x] == pytest.approx([p for _, p in y], abs=1e-3)
+
+
+def test_rerooted_draft_proposes_what_a_fresh_draft_does(float32_drafts, tokenizer) -> None:
+    kept, fresh = float32_drafts
+    prompt = prompt_ids(tokenizer, "story")
+    p = len(prompt) - 1  # the root's position
+    kept.begin(prompt[:-1])
+    (children,) = kept.expand([Frontier(0, ROOT_PARENT, p, (prompt[-1],))], 3)
+    grand = kept.expand([Frontier(1 + i, 0, p + 1, (prompt[-1], t)) for i, (t, _) in enumerate(children)], 2)
+    first, bonus = children[0][0], grand[0][0][0]
+    # The target accepts root -> first and picks `bonus`, which no node holds: a fresh root (id 10)
+    # whose parent (node 1) is a leaf row in the draft's cache; nothing else survives.
+    kept.advance([0, 1], {10}, prompt + [first, bonus])
+    (after_leaf,) = kept.expand([Frontier(10, ROOT_PARENT, p + 2, (bonus,))], 3)
+    fresh.begin(prompt + [first])
+    (expected,) = fresh.expand([Frontier(0, ROOT_PARENT, p + 2, (bonus,))], 3)
+    assert_same([after_leaf], [expected])
+    # Expand the root's best child (node 11), then accept root -> 11: node 11 stays as the new root
+    # with its KV row, and its child (node 12) is drafted on top of the re-rooted cache.
+    c = after_leaf[0][0]
+    (below_c,) = kept.expand([Frontier(11, 10, p + 3, (bonus, c))], 2)
+    kept.advance([10], {11}, prompt + [first, bonus, c])
+    g = below_c[0][0]
+    kept_grand = kept.expand([Frontier(12, 11, p + 4, (c, g))], 2)
+    fresh.begin(prompt + [first, bonus])
+    fresh_root = fresh.expand([Frontier(0, ROOT_PARENT, p + 3, (c,))], 2)
+    fresh_grand = fresh.expand([Frontier(1, 0, p + 4, (c, g))], 2)
+    assert_same([below_c], fresh_root)
+    assert_same(kept_grand, fresh_grand)
