@@ -224,9 +224,9 @@ class Scheduler:
             while True:
                 if flight.draft_failure is not None:
                     raise GenerationError(f"the draft failed: {flight.draft_failure!r}", stats.tokens)
+                self._start_draft_step(flight, stats)
                 await self._feed(flight, stats, request_id, seqs)
                 self._start_verification(flight, request.sampling, stats)
-                self._start_draft_step(flight, stats)
                 waiting = [f for f in (receiving, flight.drafting, flight.verifying) if f is not None]
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if receiving in done:
@@ -257,8 +257,13 @@ class Scheduler:
         while len(flight.in_flight) < strategy.max_in_flight:
             if strategy.send_when_settled and not self._draft_settled(flight):
                 return
+            if any(f.node_id == flight.tree.root for f in flight.draft_nodes):
+                return  # a fresh root travels with its first children, a draft step from now
             nodes = strategy.cut(flight.tree, len(flight.in_flight))
-            if not nodes:
+            # A short segment costs a stage step like a full one, and the draft may still deepen the
+            # tree: send it only when full, when the draft has nothing to add, or to an idle ring.
+            if not nodes or not (len(nodes) >= strategy.full_segment or not flight.in_flight
+                                 or self._draft_settled(flight)):
                 return
             await self._send_nodes(stats, request_id, next(seqs), flight, nodes)
 
@@ -276,15 +281,23 @@ class Scheduler:
 
     # -- drafting ----------------------------------------------------------------------------------
     def _frontier(self, flight: Flight) -> list[Frontier]:
-        """The best nodes the draft has not expanded yet, within the tree's depth and size budget."""
+        """The next nodes to expand, EAGLE-2's beam kept incrementally: at every depth only the
+        `width` best nodes are ever expanded, and only while they could still improve a full tree.
+        A verification that commits k tokens shifts every depth up by k, so about k steps follow."""
         tree, shape = flight.tree, self.tree_shape
-        if flight.drafting is not None or tree.pending() >= shape.total_tokens:
+        if flight.drafting is not None:
             return []
+        floor = tree.expansion_floor(shape.total_tokens)
         last_position = self.max_context - 2  # a child must still fit in the context
-        candidates = [
-            n for n in tree.nodes.values()
-            if not n.expanded and n.depth < shape.depth and n.position <= last_position and n.target is None
-        ]
+        by_depth: dict[int, list[Node]] = {}
+        for node in tree.nodes.values():
+            if node.depth < shape.depth and node.target is None:
+                by_depth.setdefault(node.depth, []).append(node)
+        candidates = []
+        for nodes in by_depth.values():
+            nodes.sort(key=lambda n: (-n.score, n.id))
+            candidates += [n for n in nodes[: shape.width]
+                           if not n.expanded and n.score > floor and n.position <= last_position]
         candidates.sort(key=lambda n: (-n.score, n.depth, n.id))
         return [
             Frontier(n.id, ROOT_PARENT if n.id == tree.root else n.parent, n.position,

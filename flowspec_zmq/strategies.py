@@ -27,6 +27,7 @@ class Strategy:
     verify_when_drained: bool  # one tree at a time: verify only after every segment returned
     send_when_settled: bool  # one tree at a time: send only once the draft has finished the tree
     draft_while_in_flight: bool  # grow the tree below nodes that are still being verified
+    full_segment: int  # rows that make a segment worth sending while the draft is still adding nodes
     uses_draft: bool
 
 
@@ -60,11 +61,11 @@ def cut_by_layer(width: int) -> Cut:
 
 def make_strategy(mode: Mode, num_stages: int, segment_size: int, layer_width: int) -> Strategy:
     if mode == "ar":
-        return Strategy(mode, 1, cut_by_score(1), False, False, False, uses_draft=False)
+        return Strategy(mode, 1, cut_by_score(1), False, False, False, 1, uses_draft=False)
     if mode == "tree":
-        return Strategy(mode, num_stages, cut_into_parts(num_stages), True, True, False, uses_draft=True)
+        return Strategy(mode, num_stages, cut_into_parts(num_stages), True, True, False, 1, uses_draft=True)
     if mode == "specpipe":
-        return Strategy(mode, num_stages, cut_by_layer(layer_width), False, False, True, uses_draft=True)
+        return Strategy(mode, num_stages, cut_by_layer(layer_width), False, False, True, layer_width, uses_draft=True)
     if mode == "flowspec":
-        return Strategy(mode, num_stages, cut_by_score(segment_size), False, False, True, uses_draft=True)
+        return Strategy(mode, num_stages, cut_by_score(segment_size), False, False, True, segment_size, uses_draft=True)
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

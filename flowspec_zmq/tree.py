@@ -9,6 +9,8 @@ root when it was drafted; scores never increase along a path, so score order put
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -113,9 +115,11 @@ class TokenTree:
         return sum(1 for n in self.nodes.values() if n.target is None and n.id != self.root)
 
     def add_proposals(self, proposals: Sequence[tuple[int, Sequence[tuple[int, float]]]], budget: int) -> Added:
-        """Graft a draft step's children ((parent id, [(token, log-prob)])) by cumulative score,
-        best first, while fewer than `budget` nodes are pending. A parent that is gone (pruned while
-        the step ran) drops its children: they were drafted for a branch that no longer exists."""
+        """Graft a draft step's children ((parent id, [(token, log-prob)])) by cumulative score, best
+        first. At `budget` pending nodes a child replaces the worst spare leaf (unsent, unexpanded)
+        if it scores better: the tree converges on the best `budget` candidates, as EAGLE-2's
+        re-ranking does, without redrafting. A parent that is gone (pruned while the step ran)
+        drops its children: they were drafted for a branch that no longer exists."""
         stale = 0
         candidates: list[tuple[float, int, int]] = []
         for parent_id, children in proposals:
@@ -127,9 +131,40 @@ class TokenTree:
             candidates.extend((parent.score + logprob, parent_id, token)
                               for token, logprob in children if token not in parent.children)
         candidates.sort(key=lambda c: -c[0])
-        room = budget - self.pending()
-        created = tuple(self.add_child(parent_id, token, score) for score, parent_id, token in candidates[: max(room, 0)])
-        return Added(created, stale)
+        spare = self._spare_leaves()
+        pending = self.pending()
+        created: list[int] = []
+        for score, parent_id, token in candidates:
+            if pending >= budget:
+                if not spare or spare[0][0] >= score:
+                    break
+                self._drop_leaf(heapq.heappop(spare)[1])
+                pending -= 1
+            node_id = self.add_child(parent_id, token, score)
+            created.append(node_id)
+            heapq.heappush(spare, (score, node_id))
+            pending += 1
+        return Added(tuple(created), stale)
+
+    def expansion_floor(self, budget: int) -> float:
+        """Children score at most their parent's score: a node scoring no better than the worst
+        spare leaf of a full tree cannot add anything, so expansion stops there."""
+        if self.pending() < budget:
+            return -math.inf
+        spare = self._spare_leaves()
+        return spare[0][0] if spare else math.inf
+
+    def _spare_leaves(self) -> list[tuple[float, int]]:
+        """Min-heap (score, id) of the nodes that can be dropped at no cost: drafted, not sent,
+        not expanded, no children."""
+        heap = [(n.score, n.id) for n in self.nodes.values()
+                if not n.sent and not n.expanded and not n.children and n.id != self.root and n.target is None]
+        heapq.heapify(heap)
+        return heap
+
+    def _drop_leaf(self, node_id: int) -> None:
+        node = self.nodes.pop(node_id)
+        del self.nodes[node.parent].children[node.token]
 
     def path_tokens(self, node_id: int) -> list[int]:
         """Tokens from just below the root down to this node."""

@@ -11,7 +11,7 @@ from typing import Collection, Sequence
 import pytest
 import torch
 
-from flowspec_zmq.draft import DraftLM, DraftSource, Frontier, NgramDraft, Proposals
+from flowspec_zmq.draft import DraftLM, DraftSource, Frontier, NgramDraft, Proposals, TreeShape
 from flowspec_zmq.emulation import DeviceProfile
 from flowspec_zmq.model_slices import load_head_model, load_layer_window
 from flowspec_zmq.strategies import MODES
@@ -51,14 +51,24 @@ async def test_every_mode_is_the_targets_greedy_output(head, windows, int8_draft
     assert stats.tokens == reference(PROMPTS[prompt], NEW_TOKENS)
 
 
-async def test_flowspec_really_speculates(head, windows, int8_draft, tokenizer, reference):
+REPEATING = "red, green, blue, red, green, blue, red, green, blue,"  # every draft predicts this well
+
+
+@pytest.mark.parametrize("mode, draft, at_least", [("tree", "int8", 3.0), ("flowspec", "ngram", 2.0)])
+async def test_speculation_really_happens(head, windows, int8_draft, tokenizer, reference, mode, draft, at_least):
     """A silent fall-back to one token per verification would still be lossless; it must not pass."""
+    ids = tokenizer(REPEATING)["input_ids"]
+    shape = TreeShape(depth=6, top_k=2, total_tokens=24, width=2)  # deep and narrow: the draft is right
     async with in_process_ring(head, windows, PACED) as ring:
-        stats = await ring.generate(prompt_ids(tokenizer, "code"), int8_draft, "flowspec", NEW_TOKENS)
-    assert stats.tokens == reference(PROMPTS["code"], NEW_TOKENS)
-    assert stats.accepted_per_verification >= 2.0
-    # Incremental expansion: about one draft step per verification, not a redraw of every layer.
-    assert stats.draft_steps <= 2.5 * stats.verifications
+        stats = await ring.generate(ids, int8_draft if draft == "int8" else NgramDraft(), mode, NEW_TOKENS,
+                                    shape, segment_size=12)
+    assert stats.tokens == reference(REPEATING, NEW_TOKENS)
+    assert stats.accepted_per_verification >= at_least
+    if mode == "flowspec":
+        # Incremental expansion: committing k tokens opens k new tree levels, about k draft steps;
+        # redrawing the tree after every verification would cost `depth` steps each time.
+        assert stats.draft_steps <= shape.depth + 1.5 * len(stats.tokens)
+        assert stats.draft_steps < shape.depth * stats.verifications
 
 
 class WaitsForPrune:

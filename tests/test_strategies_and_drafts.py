@@ -266,11 +266,13 @@ def test_make_strategy_modes(mode) -> None:
     elif mode == "specpipe":  # one tree layer per step, `layer_width` wide
         assert (strategy.max_in_flight, strategy.uses_draft) == (stages, True)
         assert not strategy.verify_when_drained and strategy.draft_while_in_flight
+        assert strategy.full_segment == layer_width
         assert [len(s) for s in segments] == [1, 3, 5, 4]
         assert [{tree.nodes[i].depth for i in s} for s in segments] == [{0}, {1}, {2}, {2}]
     else:  # flowspec: best `segment_size` nodes per step
         assert (strategy.max_in_flight, strategy.uses_draft) == (stages, True)
         assert not strategy.verify_when_drained and strategy.draft_while_in_flight
+        assert strategy.full_segment == segment_size
         assert segments == [expected[i : i + segment_size] for i in range(0, stages * segment_size, segment_size)]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -430,11 +432,23 @@ def test_proposals_grow_the_tree_by_score_within_the_budget() -> None:
     assert added.stale == 0 and len(added.created) == 2  # the budget keeps only the two best
     assert [tree.nodes[i].token for i in added.created] == [1, 2]
     assert tree.nodes[tree.root].expanded and tree.pending() == 2
+    assert tree.expansion_floor(2) == pytest.approx(-1.0)  # only nodes above the worst leaf may grow
     one = tree.nodes[tree.root].children[1]
-    added = tree.add_proposals([(one, [(7, -0.5), (8, -3.0)])], budget=3)
+    # At the budget a better grandchild replaces the worst spare leaf (token 2); a worse one does not.
+    added = tree.add_proposals([(one, [(7, -0.5), (8, -3.0)])], budget=2)
     child = tree.nodes[added.created[0]]
     assert (child.token, child.depth, child.position, child.score) == (7, 2, 11, pytest.approx(-0.6))
+    assert len(added.created) == 1 and 2 not in tree.nodes[tree.root].children and tree.pending() == 2
     assert tree.add_proposals([(one, [(7, -0.5)])], budget=10).created == ()  # no duplicate siblings
+
+
+def test_sent_and_expanded_nodes_are_never_replaced() -> None:
+    tree = TokenTree(100, 9)
+    tree.add_proposals([(tree.root, [(1, -0.1), (2, -5.0)])], budget=2)
+    tree.mark_sent(tree.unsent())  # both children are in flight
+    one = tree.nodes[tree.root].children[1]
+    assert tree.add_proposals([(one, [(7, -0.2)])], budget=2).created == ()
+    assert tree.expansion_floor(2) == math.inf
 
 
 def test_proposals_whose_parent_a_verification_removed_are_dropped() -> None:
