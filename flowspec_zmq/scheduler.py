@@ -2,9 +2,10 @@
 back, commit, prune and grow the tree. The mode only changes the Strategy, never the loop.
 
 The loop only decides (vLLM v1's split): model work runs on two workers, each one thread. The draft
-worker grows the tree a frontier at a time while segments are in flight; the verify worker runs the
-lm_head once over every returned row that is waiting. The loop never waits on either to put a ready
-segment into the ring (embedding a segment is a table lookup, done inline)."""
+worker grows the tree a frontier at a time while segments are in flight; the verify worker runs one
+lm_head call over the returned rows that can decide the next tokens (the draft's most likely path
+first). The loop never waits on either to put a ready segment into the ring (embedding a segment
+is a table lookup, done inline)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ Receive = Callable[[], Awaitable[Message]]
 OnTokens = Callable[[list[int]], Awaitable[None]]
 
 
+VERIFY_ROWS = 8  # rows per lm_head call: about as fast as 1-4 rows on a CPU (memory bound), far cheaper than 32
+
+
 @dataclass(frozen=True)
 class HeadWorkers:
     """The head's two compute threads: work on each runs in submission order."""
@@ -99,7 +103,9 @@ class Flight:
     tree: TokenTree
     committed: list[int]
     in_flight: dict[int, set[int]] = field(default_factory=dict)  # segment seq -> its nodes still alive
-    returned: list[Segment] = field(default_factory=list)  # back from the ring, waiting for verification
+    # Rows back from the ring whose target is not known yet: node id -> (final hidden state, the
+    # position of the token after it).
+    returned: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     version: int = 0
     drafting: asyncio.Future | None = None  # the draft step running now
     draft_nodes: tuple[Frontier, ...] = ()  # its frontier
@@ -233,7 +239,9 @@ class Scheduler:
                     returned = receiving.result()
                     receiving = asyncio.ensure_future(self._next_for(request_id, stats.tokens))
                     flight.in_flight.pop(returned.seq, None)
-                    flight.returned.append(returned)
+                    for hidden, node, position in zip(returned.hidden, returned.node_ids, returned.positions):
+                        if node in flight.tree:
+                            flight.returned[node] = (hidden, position + 1)
                 if flight.drafting in done:
                     self._grow(flight, flight.drafting.result(), stats)
                 if flight.verifying in done:
@@ -331,22 +339,33 @@ class Scheduler:
             return
         if self.strategy.verify_when_drained and flight.in_flight:
             return
-        tree = flight.tree
-        hidden, node_ids, positions = [], [], []
-        for segment in flight.returned:
-            rows = [i for i, node in enumerate(segment.node_ids) if node in tree]
-            if rows:
-                live = segment.select(rows)
-                hidden.append(live.hidden)
-                node_ids.extend(live.node_ids)
-                positions.extend(p + 1 for p in live.positions)
-        flight.returned = []
+        node_ids = self._rows_to_verify(flight)
         if not node_ids:
             return
-        flight.verify_rows = (node_ids, positions)
+        rows = [flight.returned.pop(node) for node in node_ids]
+        flight.verify_rows = (node_ids, [position for _, position in rows])
         flight.verifying = self._on(self.workers.verify, "logits", self._targets,
-                                    torch.cat(hidden), positions, sampling)
+                                    torch.stack([hidden for hidden, _ in rows]), flight.verify_rows[1], sampling)
         stats.verify_batches += 1
+
+    def _rows_to_verify(self, flight: Flight) -> list[int]:
+        """Rows for one lm_head call: the path the draft finds most likely (from the root, through
+        the best returned child at each level), then other returned rows by score, up to
+        VERIFY_ROWS. Only the verification walk reads targets; rows it does not reach stay
+        waiting and are usually pruned before they would cost anything."""
+        tree, waiting = flight.tree, flight.returned
+        path: list[int] = []
+        node = tree.nodes[tree.root]
+        while node.id in waiting:
+            path.append(node.id)
+            children = [tree.nodes[c] for c in node.children.values() if c in waiting]
+            if not children:
+                break
+            node = max(children, key=lambda n: n.score)
+        if not path:  # the root is still in flight: nothing below it can be judged yet
+            return []
+        others = sorted((n for n in waiting if n not in path), key=lambda n: -tree.nodes[n].score)
+        return (path + others)[:VERIFY_ROWS]
 
     async def _commit(self, flight: Flight, targets: list[int], request: GenerationRequest, request_id: int,
                       stats: GenerationStats, decode_start: float, on_tokens: OnTokens) -> bool:
@@ -355,6 +374,7 @@ class Scheduler:
         tree = flight.tree
         tree.set_targets(node_ids, targets)
         advance = tree.verify()
+        flight.returned = {n: row for n, row in flight.returned.items() if n in tree}
         if not advance.tokens:
             return False
         stats.verifications += 1
