@@ -21,6 +21,7 @@ import zmq.asyncio
 
 from .client_protocol import ClientRequestError, pack, unpack
 from .liveness import Watchdog
+from .memory import return_free_memory
 from .draft import DraftSource, TreeShape, make_draft_source
 from .model_slices import HeadModel
 from .models import eos_ids
@@ -235,6 +236,7 @@ class HeadNode:
                 self.cancelled.discard((job.identity, job.request_id))
                 continue
             await self._serve_one(job)
+            return_free_memory()  # between requests: the workers' arenas keep what a request freed
 
     def draft_source(self, kind: str, vocab: int) -> DraftSource:
         if (kind, vocab) not in self.drafts:

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from flowspec_zmq.draft import make_draft_source
 from flowspec_zmq.head_node import HeadNode
+from flowspec_zmq.memory import return_free_memory
 from flowspec_zmq.model_slices import load_head_model
 from flowspec_zmq.protocol import DTYPES
 from flowspec_zmq.transport import RingLink, tcp
@@ -33,6 +34,7 @@ async def serve(topology_path: Path, name: str) -> None:
     drafts = {}
     if defaults.mode != "ar":
         drafts[defaults.draft, defaults.draft_vocab] = make_draft_source(defaults.draft, model_dir, head, defaults.draft_vocab)
+    return_free_memory()  # what loading the draft layer by layer freed
     log.info("loaded in %.1f s", time.perf_counter() - started)
     context, plain = contexts()
     keys = secure(plain, topology, name)

@@ -38,7 +38,7 @@ def test_greedy_equals_target(ring, reference, mode, draft, prompt):
 @pytest.mark.parametrize("seed", range(4))
 def test_random_tree_shapes_stay_lossless(ring, reference, seed):
     rng = random.Random(seed)
-    shape = dict(tree_depth=rng.randint(1, 6), tree_top_k=rng.randint(1, 6),
+    shape = dict(tree_depth=rng.randint(1, 6), tree_top_k=rng.randint(1, 6), tree_width=rng.randint(1, 4),
                  tree_total_tokens=rng.randint(1, 48), segment_size=rng.randint(1, 20))
     mode = rng.choice(["tree", "specpipe", "flowspec"])
     want = reference(PROMPTS["code"], NEW_TOKENS)

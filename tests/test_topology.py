@@ -44,7 +44,8 @@ def test_missing_decoding_table_gives_the_documented_defaults():
     d = parse_topology(ONE_STAGE).decoding
     assert d == DecodingConfig()
     assert (d.mode, d.max_new_tokens, d.temperature, d.top_k, d.top_p, d.draft) == ("flowspec", 128, 0.0, 0, 1.0, "int8")
-    assert (d.tree_total_tokens, d.tree_depth, d.tree_top_k, d.segment_size, d.prefill_chunk) == (64, 5, 8, 16, 64)
+    assert (d.tree_total_tokens, d.tree_depth, d.tree_top_k, d.segment_size, d.prefill_chunk) == (32, 8, 2, 12, 64)
+    assert (d.tree_width, d.draft_vocab) == (1, 32768)
 
 
 def test_integer_temperature_is_read_as_float():
@@ -92,7 +93,7 @@ def test_make_local_topology_builds_a_validated_loopback_ring():
     assert (t.head.port, t.head.client_port, t.head.control_port) == (7000, 7001, 7002)
     assert [(s.name, s.host, s.port) for s in t.stages] == [
         ("stage1", "127.0.0.1", 7003), ("stage2", "127.0.0.1", 7004), ("stage3", "127.0.0.1", 7005)]
-    assert (t.decoding.mode, t.decoding.max_new_tokens, t.decoding.segment_size) == ("ar", 9, 16)
+    assert (t.decoding.mode, t.decoding.max_new_tokens, t.decoding.segment_size) == ("ar", 9, 12)
     assert t.layer_windows(30) == {"stage1": (0, 10), "stage2": (10, 20), "stage3": (20, 30)}
     assert t.next_hop("stage3") == t.head
     assert t.link is None and all(s.profile is None for s in t.stages)
@@ -205,6 +206,8 @@ def _without(text: str, line: str) -> str:
         (topology(stage("a", 6010), rest="[decoding]\ntree_depth = 0\n"), "decoding.tree_depth: must be positive"),
         (topology(stage("a", 6010), rest="[decoding]\ntree_top_k = 0\n"), "decoding.tree_top_k: must be positive"),
         (topology(stage("a", 6010), rest="[decoding]\nsegment_size = 0\n"), "decoding.segment_size: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\ntree_width = 0\n"), "decoding.tree_width: must be positive"),
+        (topology(stage("a", 6010), rest="[decoding]\ndraft_vocab = -1\n"), "decoding.draft_vocab: must be >= 0"),
         (topology(stage("a", 6010), rest="[decoding]\nprefill_chunk = 0\n"), "decoding.prefill_chunk: must be positive"),
         (topology(stage("a", 6010), rest="[decoding]\ntop_k = -1\n"), "decoding.top_k: must be >= 0"),
         (topology(stage("a", 6010), rest="[decoding]\ntemperature = -0.5\n"), "decoding.temperature: must be >= 0"),

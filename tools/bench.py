@@ -45,6 +45,7 @@ from transformers import AutoTokenizer
 from flowspec_zmq.client import Client, GenerationFailed
 from flowspec_zmq.emulation import DeviceProfile, LinkProfile
 from flowspec_zmq.launch import LocalCluster, NodeDied
+from flowspec_zmq.memory import resident_mb
 from flowspec_zmq.model_slices import load_config
 from flowspec_zmq.models import resolve_model_dir
 from flowspec_zmq.strategies import MODES
@@ -56,10 +57,6 @@ from .edge_profiles import DEFAULT_PROFILE, EdgeProfile, ProfileError, load_edge
 PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 TREE_FLAGS = ("segment_size", "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab",
               "prefill_chunk")
-# Tuned on the 4-stage edge testbed (Gemma-3-270M, int8 draft; README "Benchmarks"): the head's
-# real per-verification cost (draft + lm_head over 262k tokens) grows with the tree, so a narrower
-# tree (4 children per node, 32 nodes) in segments of 12 beats the topology's 8/64/16.
-BENCH_DECODING = {"segment_size": 12, "tree_depth": 5, "tree_top_k": 4, "tree_total_tokens": 32}
 
 
 class BenchError(RuntimeError):
@@ -204,13 +201,6 @@ def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num
     return analyse(config, settings, runs, profiles, folder) | {"resident_mb": memory}
 
 
-def resident_mb(pid: int) -> float:
-    """A process's resident memory (VmRSS), after the benchmark's requests."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
 
 def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
     """tokens/s relative to `ar` (the speedup) and to `tree`, where those modes ran."""
@@ -341,10 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bandwidth-mbps", type=float, default=None, help="link bandwidth (default: the profile's)")
     parser.add_argument("--delay-ms", type=float, default=None, help="one-way delay per hop (default: the profile's)")
     parser.add_argument("--no-link", action="store_true", help="no link shaping at all")
-    for flag in TREE_FLAGS:
-        default = BENCH_DECODING.get(flag)
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=default,
-                            help=f"(default: {default if default else 'the topology default'})")
+    for flag in TREE_FLAGS:  # defaults: the topology's [decoding] defaults, which this benchmark tuned
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=int, default=None, help="(default: the topology's)")
     parser.add_argument("--head-threads", type=int, default=None, help="torch threads of the head (default: cores / nodes)")
     parser.add_argument("--stage-threads", type=int, default=None, help="torch threads per stage (default: cores / nodes)")
     parser.add_argument("--gantt-prompt", type=int, default=0, help="which prompt the timelines show")
