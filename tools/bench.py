@@ -203,11 +203,11 @@ def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num
 
 
 def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
-    """tokens/s relative to `ar` (the speedup) and to `tree`, where those modes ran."""
+    """tokens/s relative to `ar` (the speedup) and to `tree`; None where that mode did not run."""
     for name, reference in (("speedup", "ar"), ("vs_tree", "tree")):
         base = modes.get(reference, {}).get("tokens_per_s") or 0.0
         for figures in modes.values():
-            figures[name] = figures["tokens_per_s"] / base if base else 0.0
+            figures[name] = figures["tokens_per_s"] / base if base else None
 
 
 def analyse(config: Config, settings: Settings, runs: list[RunRecord], profiles: list[DeviceProfile] | None,
@@ -252,7 +252,8 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
     for mode, m in result["modes"].items():
         util = list(m["utilisation"].values())
         head = m["head_ms_per_verification"]
-        cells = [fmt.format(m.get(key, 0.0) / (1000 if key == "bytes_per_token" else 1)) for _, key, fmt in COLUMNS]
+        cells = ["-" if m.get(key, 0.0) is None else fmt.format(m.get(key, 0.0) / (1000 if key == "bytes_per_token" else 1))
+                 for _, key, fmt in COLUMNS]
         cells += [f"{100 * sum(util) / len(util):.0f} ({100 * min(util):.0f}-{100 * max(util):.0f})",
                   f"{head['draft']:.0f}", f"{head['logits']:.0f}", f"{100 * m['head_busy']:.0f}",
                   f"{100 * m.get('head_alone', 0.0):.0f}"]

@@ -22,22 +22,26 @@ HEAD_BANDS = {"draft": (-0.35, 0.34), "logits": (0.01, 0.34)}
 
 
 def speedup_chart(configs: list[dict[str, Any]], modes: list[str], path: Path, title: str) -> Path:
-    """Bars of tokens/s relative to `ar`, one group per configuration, one bar per mode."""
+    """Bars of tokens/s relative to `ar` (plain tokens/s when `ar` did not run), one group per
+    configuration, one bar per mode."""
+    key = "speedup" if "ar" in modes else "tokens_per_s"
     width = 0.8 / len(modes)
     fig_width = max(6.5, 1.6 * len(configs) + 3)
     fig, ax = plt.subplots(figsize=(fig_width, 4.4))
     for i, mode in enumerate(modes):
         xs = [c + (i - (len(modes) - 1) / 2) * width for c in range(len(configs))]
-        ys = [config["modes"][mode]["speedup"] for config in configs]
+        ys = [config["modes"][mode][key] for config in configs]
         bars = ax.bar(xs, ys, width * 0.92, color=MODE_COLORS.get(mode), label=mode)
         for bar, config in zip(bars, configs):
             rate = config["modes"][mode]["tokens_per_s"]
-            ax.annotate(f"{bar.get_height():.2f}x\n{rate:.1f}/s", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            label = f"{bar.get_height():.2f}x\n{rate:.1f}/s" if key == "speedup" else f"{rate:.1f}/s"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-    ax.axhline(1.0, color="black", linewidth=0.6)
+    if key == "speedup":
+        ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(configs)), [c["name"] for c in configs])
-    ax.set_ylabel("tokens/s relative to ar")
-    ax.set_ylim(0, max(c["modes"][m]["speedup"] for c in configs for m in modes) * 1.25)
+    ax.set_ylabel("tokens/s relative to ar" if key == "speedup" else "tokens/s")
+    ax.set_ylim(0, max(c["modes"][m][key] for c in configs for m in modes) * 1.25)
     ax.set_title(textwrap.fill(title, int(fig_width * 13)), fontsize=7.5)
     ax.legend(ncol=len(modes), fontsize=8, loc="upper left")
     ax.spines[["top", "right"]].set_visible(False)
