@@ -55,6 +55,22 @@ class DecodingConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """How the cluster keeps serving through failures and load ([service] in the topology)."""
+
+    recovery_timeout_s: float = 30.0  # a request waits this long for a dead stage to come back
+    max_recoveries: int = 3  # re-prefills per request before it fails
+    progress_timeout_s: float = 20.0  # ring silence (segments in flight, nothing back) that counts as a failure
+    dead_after_s: float = 3.0  # a stage without heartbeats this long is dead
+    hung_after_s: float = 120.0  # a stage busy with one computation this long is hung
+    max_queued_requests: int = 64  # waiting requests beyond the running one; more get "queue full"
+    max_open_caches: int = 64  # request KV caches a stage keeps at once (least recently used evicted)
+    restart_limit: int = 5  # deaths of one node within restart_window_s that `flowspec launch` tolerates
+    restart_window_s: float = 300.0
+    restart_backoff_s: float = 0.5  # first restart delay; doubles per recent death, at most 30 s
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str
     role: Role
@@ -74,6 +90,7 @@ class Topology:
     link: LinkProfile | None = None  # emulate these links on every hop
     path: str = "<string>"
     keys: Path | None = None  # CurveZMQ key folder ([security] keys): every link authenticated
+    service: ServiceConfig = ServiceConfig()
 
     @property
     def head(self) -> NodeConfig:
@@ -351,14 +368,15 @@ def local_topology_toml(
     profile: DeviceProfile | Sequence[DeviceProfile] | None = None,
     ports: Sequence[int] | None = None,
     dtype: str = "float32",
+    service: dict[str, Any] | None = None,
     **decoding: Any,
 ) -> str:
     """The text of a ring of `num_stages` auto-split stages, for tests and benchmarks.
 
     `hosts[i]` places node i (the head first) on that address, else all on 127.0.0.1. `ports` are
     the head's ring, client and control ports followed by one per stage (default: free ports now).
-    `profile` paces every stage alike, or stage i to profile[i]; `link` shapes every hop; `decoding`
-    fills the [decoding] table. Nothing is checked here: parse_topology does that.
+    `profile` paces every stage alike, or stage i to profile[i]; `link` shapes every hop; `service` and
+    `decoding` fill those tables. Nothing is checked here: parse_topology does that.
     """
     hosts = list(hosts) if hosts is not None else [LOOPBACK] * (num_stages + 1)
     ports = list(ports) if ports is not None else free_ports(num_stages + 3)
@@ -370,6 +388,8 @@ def local_topology_toml(
         raise ValueError(f"{num_stages} stages need one profile each, got {len(profiles)}")
     lines = [f"[model]\nsource = {_toml_value(model)}\ndtype = {_toml_value(dtype)}\nmax_context = {max_context}\n",
              "[decoding]", *(f"{key} = {_toml_value(value)}" for key, value in decoding.items()), ""]
+    if service:
+        lines += ["[service]", *(f"{key} = {_toml_value(value)}" for key, value in service.items()), ""]
     if link is not None:
         lines.append(f"[link]\nbandwidth_mbps = {link.bandwidth_mbps!r}\ndelay_ms = {link.delay_ms!r}\n")
     lines.append(f'[[nodes]]\nname = "head"\nrole = "head"\nhost = "{hosts[0]}"\nport = {ports[0]}\n'
@@ -389,7 +409,7 @@ def make_local_topology(model: str, num_stages: int, **options: Any) -> Topology
 
 def _build(data: dict[str, Any], path: str) -> Topology:
     root = _Reader(path, "topology", data)
-    root.only({"model", "decoding", "nodes", "link", "security"})
+    root.only({"model", "decoding", "nodes", "link", "security", "service"})
     if "model" not in data:
         root.fail("model", "missing")
     raw_nodes = data.get("nodes")
@@ -404,7 +424,18 @@ def _build(data: dict[str, Any], path: str) -> Topology:
         link=_link(path, data["link"]) if "link" in data else None,
         path=path,
         keys=_keys(path, data["security"]) if "security" in data else None,
+        service=_service(path, data.get("service", {})),
     )
+
+
+def _service(path: str, table: Any) -> ServiceConfig:
+    r = _Reader(path, "service", table)
+    defaults = ServiceConfig()
+    r.only(set(asdict(defaults)))
+    return ServiceConfig(**{
+        name: r.positive(name, value, type(value), limit=86400 if isinstance(value, float) else 1 << 20)
+        for name, value in asdict(defaults).items()
+    })
 
 
 def _keys(path: str, table: Any) -> Path:
