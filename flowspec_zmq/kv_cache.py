@@ -4,6 +4,11 @@ Per layer the keys and values live in one buffer: rows [0, committed) are the ac
 rows [committed, committed + tree) are draft-tree nodes still being verified, in arrival order.
 The HF attention modules call `update()`, which writes the new rows after the existing ones and
 returns views over everything, so attention reads the cache without copying it.
+
+A layer window drives one forward per segment: a commit segment (prefill rows) only while no tree
+rows are live; a tree segment as `tree_rows_for()`, the forward, then `add_tree_rows()`, which
+refuses rows whose ids or parents do not fit this cache (a stage reports that to the head instead
+of returning hidden states computed against the wrong rows).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .tree import ROOT_PARENT
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,8 @@ class TreeKVCache:
         self.row_of: dict[int, int] = {}
         # ancestors[i, j]: tree row j is row i or one of its ancestors.
         self.ancestors = torch.zeros(0, 0, dtype=torch.bool)
-        self._pending = 0
+        # The tree segment (node ids, parents) that tree_rows_for() prepared, until add_tree_rows().
+        self._prepared: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
 
     @property
     def tree_size(self) -> int:
@@ -52,6 +60,10 @@ class TreeKVCache:
 
     # -- called by the HF attention modules during a forward pass ------------------------------
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.tree_size and key.shape[2] != len(self._prepared[0]):
+            # Only a prepared tree segment may follow live tree rows; committed rows written after
+            # them would break the prefix (attention fails on the mask's shape, deep in torch).
+            raise RuntimeError(self._commit_refusal(key.shape[2]))
         local = layer_idx - self.first_layer
         start = self.length
         end = start + key.shape[2]
@@ -78,12 +90,17 @@ class TreeKVCache:
 
     def append_committed(self, rows: int) -> None:
         if self.tree_size:
-            raise RuntimeError("committed rows can only be appended while no tree rows are live")
+            raise RuntimeError(self._commit_refusal(rows))
         self.committed += rows
 
+    def _commit_refusal(self, rows: int) -> str:
+        return (f"a commit segment ({rows} rows) arrived while {self.tree_size} tree rows are live: "
+                f"committed rows can only be appended once a prune has settled the tree")
+
     def tree_rows_for(self, node_ids: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
-        """Ancestor-or-self rows (over current tree rows + the new ones) for new nodes; a parent that
-        is not a live tree row (nor earlier in this segment) hangs the node off the committed prefix."""
+        """Ancestor-or-self rows (over current tree rows + the new ones) for new nodes; a node under
+        ROOT_PARENT attends to the committed prefix only (add_tree_rows() rejects unknown parents)."""
+        self._prepared = (tuple(node_ids), tuple(parents))
         old = self.tree_size
         rows = torch.zeros(len(node_ids), old + len(node_ids), dtype=torch.bool)
         new_row: dict[int, int] = {}
@@ -97,6 +114,12 @@ class TreeKVCache:
         return rows
 
     def add_tree_rows(self, node_ids: Sequence[int], positions: Sequence[int], rows: torch.Tensor) -> None:
+        """Keep the rows of the segment tree_rows_for() prepared, once its ids and parents check out."""
+        prepared, parents = self._prepared
+        self._prepared = ((), ())
+        if tuple(node_ids) != prepared:
+            raise RuntimeError(f"add_tree_rows() got nodes {list(node_ids)}; tree_rows_for() prepared {list(prepared)}")
+        self._check_tree_segment(node_ids, parents, positions)
         old = self.tree_size
         total = old + len(node_ids)
         grown = torch.zeros(total, total, dtype=torch.bool)
@@ -107,6 +130,30 @@ class TreeKVCache:
             self.row_of[node] = old + i
             self.node_ids.append(node)
             self.node_positions.append(pos)
+
+    def _check_tree_segment(self, node_ids: Sequence[int], parents: Sequence[int], positions: Sequence[int]) -> None:
+        """Ids are never reused, and every parent is a live tree row, an earlier row of the segment,
+        or ROOT_PARENT for the tree's root, which sits right after the committed prefix: anything
+        else would silently attend to the wrong rows. Runs before the cache changes (after the
+        forward: the window hands positions over only here)."""
+        earlier: set[int] = set()
+        for node, parent, position in zip(node_ids, parents, positions):
+            if node in earlier:
+                raise ValueError(f"node id {node} (position {position}) appears twice in one segment")
+            if node in self.row_of:
+                raise ValueError(f"node id {node} (position {position}) already has a live tree row here")
+            if parent == ROOT_PARENT:
+                if position != self.committed:
+                    raise ValueError(
+                        f"node {node} at position {position} hangs off the committed prefix (parent "
+                        f"{ROOT_PARENT}), so it must sit right after it, at position {self.committed}"
+                    )
+            elif parent not in self.row_of and parent not in earlier:
+                raise LookupError(
+                    f"node {node} at position {position} names parent {parent}, which is neither a live "
+                    f"tree row here nor earlier in its segment"
+                )
+            earlier.add(node)
 
     def prune(self, accepted: Sequence[int], survivors: Sequence[int]) -> None:
         """Move accepted rows onto the committed prefix, keep survivors, drop every other tree row."""

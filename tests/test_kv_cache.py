@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowspec_zmq.kv_cache import LayerShape, TreeKVCache
+from flowspec_zmq.model_slices import load_layer_window
 
 FIRST_LAYER = 3
 SHAPES = [LayerShape(kv_heads=2, head_dim=3), LayerShape(kv_heads=1, head_dim=4)]
@@ -126,7 +127,7 @@ def test_capacity_growth_preserves_committed_and_tree_rows() -> None:
     f.check()
 
 
-def test_tree_rows_for_parents_in_segment_in_tree_and_absent() -> None:
+def test_tree_rows_for_parents_in_segment_in_tree_and_root() -> None:
     f = Forward(capacity=4)
     f.commit(2)
     # Segment 1: 0 hangs off the committed prefix; 1, 2 are its children (parents in the segment).
@@ -136,16 +137,14 @@ def test_tree_rows_for_parents_in_segment_in_tree_and_absent() -> None:
         [True, True, False],
         [True, True, True],
     ]
-    # Segment 2: 3 below 1 (a live tree row), 4 below 3 (same segment), 5 below 77 (absent: the
-    # prefix), 6 below -1.
-    rows = f.cache.tree_rows_for([3, 4, 5, 6], [1, 3, 77, -1])
+    # Segment 2: 3 below 1 (a live tree row), 4 below 3 (same segment), 6 below -1 (the prefix).
+    rows = f.cache.tree_rows_for([3, 4, 6], [1, 3, -1])
     assert rows.tolist() == [
-        [True, True, False, True, False, False, False],
-        [True, True, False, True, True, False, False],
-        [False, False, False, False, False, True, False],
-        [False, False, False, False, False, False, True],
+        [True, True, False, True, False, False],
+        [True, True, False, True, True, False],
+        [False, False, False, False, False, True],
     ]
-    f.tree([3, 4, 5, 6], [1, 3, 77, -1], [4, 5, 3, 3])
+    f.tree([3, 4, 6], [1, 3, -1], [4, 5, 2])
     f.check()
 
 
@@ -202,6 +201,68 @@ def test_append_committed_refuses_while_tree_rows_are_live() -> None:
     f.tree([0], [-1], [0])
     with pytest.raises(RuntimeError):
         f.cache.append_committed(1)
+
+
+def test_a_commit_segment_while_tree_rows_are_live_is_refused_before_attention() -> None:
+    f = Forward(capacity=16)
+    f.commit(2)
+    f.tree([0, 1], [-1, 0], [2, 3])
+    with pytest.raises(RuntimeError, match=r"a commit segment \(3 rows\) arrived while 2 tree rows are live"):
+        f.commit(3)  # refused at the first update(), before attention reads a mask of the wrong shape
+    f.check()  # untouched
+
+
+def test_a_layer_window_refuses_prefill_rows_while_tree_rows_are_live(model_dir) -> None:
+    window = load_layer_window(model_dir, 0, 1, torch.float32)
+    cache = window.new_cache()
+    hidden = torch.randn(3, window.config.hidden_size)
+    window(hidden[:2], cache, True, [0, 1], [-1, -1], [0, 1])
+    window(hidden[2:], cache, False, [0], [-1], [2])
+    with pytest.raises(RuntimeError, match=r"a commit segment \(1 rows\) arrived while 1 tree rows are live"):
+        window(hidden[2:], cache, True, [2], [-1], [2])
+    assert (cache.committed, cache.node_ids) == (2, [0])
+
+
+def test_a_tree_row_under_an_unknown_parent_is_refused() -> None:
+    f = Forward(capacity=16)
+    f.commit(2)
+    f.tree([0, 1], [-1, 0], [2, 3])
+    with pytest.raises(LookupError, match=r"node 5 at position 4 names parent 77, which is neither a live tree row"):
+        f.tree([5], [77], [4])
+    f.check()  # untouched
+    # A parent that a prune has just committed is no tree row either: the next root comes under -1.
+    f.prune([0], [1])
+    with pytest.raises(LookupError, match=r"node 6 at position 3 names parent 0"):
+        f.tree([6], [0], [3])
+    f.check()
+
+
+def test_a_root_row_must_sit_right_after_the_committed_prefix() -> None:
+    f = Forward(capacity=16)
+    f.commit(3)
+    with pytest.raises(ValueError, match=r"node 0 at position 5 hangs off the committed prefix \(parent -1\), so it "
+                                         r"must sit right after it, at position 3"):
+        f.tree([0], [-1], [5])
+    f.check()  # untouched
+    f.tree([0], [-1], [3])
+    f.check()
+
+
+def test_a_node_id_twice_in_one_segment_is_refused() -> None:
+    f = Forward(capacity=16)
+    f.commit(1)
+    with pytest.raises(ValueError, match=r"node id 2 \(position 2\) appears twice in one segment"):
+        f.tree([1, 2, 2], [-1, 1, 1], [1, 2, 2])
+    f.check()  # untouched
+
+
+def test_a_node_id_already_live_is_refused() -> None:
+    f = Forward(capacity=16)
+    f.commit(1)
+    f.tree([0, 1], [-1, 0], [1, 2])
+    with pytest.raises(ValueError, match=r"node id 1 \(position 2\) already has a live tree row here"):
+        f.tree([3, 1], [0, 0], [2, 2])
+    f.check()  # untouched
 
 
 def test_truncate_forgets_tree_rows_and_later_committed_rows() -> None:
@@ -279,7 +340,8 @@ def test_prune_random_outcomes(scenario) -> None:
     f.check()
     # A further segment below a surviving (or accepted) node still sees the right ancestors.
     anchor = f.cache.node_ids[-1] if f.cache.node_ids else -1
-    f.tree([5000, 5001], [anchor, 5000], [99, 100])
+    position = f.cache.committed if anchor == -1 else 99  # a root sits right after the prefix
+    f.tree([5000, 5001], [anchor, 5000], [position, position + 1])
     f.check()
 
 
