@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .client import DEFAULT_ADDRESS, Client, GenerationFailed
+from .launch import LocalCluster, NodeDied
+from .models import ModelNotPrepared
 from .security import CLIENT, Keys, create_keys
-from .topology import Topology, default_topology_path, load_topology
+from .topology import Topology, TopologyError, default_topology_path, load_topology
 
 OPTION_FLAGS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "draft", "segment_size",
                 "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab")
@@ -58,13 +60,15 @@ def _address(args: argparse.Namespace, topology: Topology) -> str:
 async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **prompt: Any) -> str:
     text = ""
     stats: dict[str, Any] = {}
-    async for event in client.events(**prompt, **options):
-        if event["event"] == "tokens":
-            print(event["text"], end="", flush=True)
-            text += event["text"]
-        elif event["event"] == "done":
-            stats = event["stats"]
-    print()
+    try:
+        async for event in client.events(**prompt, **options):
+            if event["event"] == "tokens":
+                print(event["text"], end="", flush=True)
+                text += event["text"]
+            elif event["event"] == "done":
+                stats = event["stats"]
+    finally:
+        print()  # ends the streamed line, also before an error message
     if show_stats:
         summary = {k: v for k, v in stats.items() if k != "token_times"}
         print(json.dumps(summary, indent=2), file=sys.stderr)
@@ -72,12 +76,7 @@ async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **p
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        asyncio.run(_stream(client, _options(args), args.stats, prompt=args.prompt))
-    except GenerationFailed as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return 1
+    asyncio.run(_stream(_client(args), _options(args), args.stats, prompt=args.prompt))
     return 0
 
 
@@ -96,8 +95,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print("model> ", end="", flush=True)
         try:
             reply = asyncio.run(_stream(client, _options(args), args.stats, messages=messages))
-        except GenerationFailed as exc:
-            print(f"\nerror: {exc}", file=sys.stderr)
+        except GenerationFailed as exc:  # this turn failed; the conversation goes on
+            print(f"error: {exc}", file=sys.stderr)
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": reply})
@@ -109,14 +108,11 @@ def _interrupt(*_: object) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from .launch import LocalCluster, NodeDied
-
-    cluster = LocalCluster(args.topology or default_topology_path(), names=args.nodes or None,
-                           restart_limit=args.restarts)
+    cluster = LocalCluster(args.topology or default_topology_path(), names=args.nodes or None, restart=True)
     print(f"starting {', '.join(cluster.names)} (logs in {cluster.log_dir})", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the cluster exactly like Ctrl-C
-    cluster.start()
     try:
+        cluster.start()
         started = time.monotonic()
         cluster.wait_ready(on_ready=lambda name: print(f"  {name} ready after {time.monotonic() - started:.1f} s", flush=True))
         print("all nodes ready; Ctrl-C stops them", flush=True)
@@ -124,9 +120,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
             for name in cluster.check():
                 print(f"  {name} died; restarted it (the head re-prefills its cache)", flush=True)
             time.sleep(0.2)
-    except NodeDied as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("stopping", flush=True)
         return 0
@@ -136,8 +129,6 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Launch the local topology, stream one generation, stop everything."""
-    from .launch import LocalCluster
-
     topology_path = args.topology or default_topology_path()
     cluster = LocalCluster(topology_path)
     print(f"starting {len(cluster.names)} nodes (logs in {cluster.log_dir}) ...", flush=True)
@@ -177,11 +168,31 @@ TOOL_COMMANDS = {
 }
 
 
+# Errors whose message says everything the user needs: one line, exit 2 for a configuration
+# mistake and 1 otherwise. OSError covers unreadable files and readiness timeouts.
+CONFIG_ERRORS = (TopologyError,)
+EXPECTED_ERRORS = (*CONFIG_ERRORS, ModelNotPrepared, GenerationFailed, NodeDied, OSError, KeyboardInterrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = argv[:1] == ["--debug"]  # global: before the command, so tool commands get it too
+    try:
+        return _dispatch(argv[1:] if debug else argv)
+    except EXPECTED_ERRORS as exc:
+        if debug:
+            raise
+        message = "interrupted" if isinstance(exc, KeyboardInterrupt) else " ".join(str(exc).split()) or type(exc).__name__
+        print(f"flowspec: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, CONFIG_ERRORS) else 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in TOOL_COMMANDS:
         return importlib.import_module(TOOL_COMMANDS[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="flowspec", description=__doc__)
+    # main() takes it off argv before parsing; declared here so that --help lists it.
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, summary) in TOOL_COMMANDS.items():
         commands.add_parser(name, help=summary, add_help=False)
@@ -198,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     launch = commands.add_parser("launch", help="start every node of the topology that lives on this machine")
     launch.add_argument("topology", nargs="?", type=Path)
     launch.add_argument("--nodes", nargs="*", help="only these nodes")
-    launch.add_argument("--restarts", type=int, default=3, help="restarts allowed per node before giving up")
     launch.set_defaults(run=cmd_launch)
 
     node = commands.add_parser("node", help="run one node (one command per host)")

@@ -1,4 +1,5 @@
-"""Start the topology's nodes on this machine as processes, watch them, stop them all together."""
+"""Start the topology's nodes on this machine as processes, supervise them like a service manager
+(a dead node restarts after a backoff; one that keeps dying stops the cluster), stop them together."""
 
 from __future__ import annotations
 
@@ -6,23 +7,59 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from .models import cache_root
-from .topology import Topology, load_topology
+import zmq
+
+from .liveness import READY_ENV
+from .models import cache_root, resolve_model_dir
+from .protocol import NodeReady, ProtocolError, decode_control
+from .topology import ServiceConfig, Topology, TopologyError, load_topology
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
-READY_MARK = "ready:"
+MAX_BACKOFF_S = 30.0
 
 
 class NodeDied(RuntimeError):
-    def __init__(self, name: str, code: int | None, log_tail: str) -> None:
-        super().__init__(f"node {name} exited with code {code}; last lines of its log:\n{log_tail}")
+    """The launcher gave up on a node: the message names it, its exit code, last log line and log."""
+
+    def __init__(self, name: str, reason: str, last_log_line: str, log_path: Path) -> None:
+        super().__init__(f"node {name} {reason}; last log line: {last_log_line or '(none)'} (log: {log_path})")
         self.name = name
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a dead node restarts: after a backoff that doubles with each of its deaths inside the
+    window, unless it died more than `limit` times inside the window (then there is no point)."""
+
+    limit: int  # 0: never restart
+    window_s: float = 0.0
+    backoff_s: float = 0.0
+
+    @classmethod
+    def from_service(cls, service: ServiceConfig) -> RestartPolicy:
+        return cls(service.restart_limit, service.restart_window_s, service.restart_backoff_s)
+
+    def recent(self, deaths: Sequence[float], now: float) -> list[float]:
+        return [t for t in deaths if now - t <= self.window_s]
+
+    def delay(self, deaths: Sequence[float], now: float) -> float | None:
+        """Seconds to wait before restarting a node that died at the times `deaths` (the latest
+        one now), or None: give up."""
+        count = len(self.recent(deaths, now))
+        if count > self.limit:
+            return None
+        # The exponent stops growing long after the cap is reached: no float overflow for big limits.
+        return min(self.backoff_s * 2.0 ** min(count - 1, 64), MAX_BACKOFF_S)
+
+
+NEVER_RESTART = RestartPolicy(limit=0)
 
 
 @dataclass
@@ -32,19 +69,48 @@ class NodeProcess:
     log_path: Path
     env: dict[str, str]
     restarts: int = 0
+    deaths: list[float] = field(default_factory=list)  # monotonic times of its recent deaths
+    restart_at: float | None = None  # dead, restarting at this monotonic time
+    ready: bool = False  # the current process announced NodeReady
 
-    def log_tail(self, lines: int = 30) -> str:
+    def last_log_line(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            lines = self.log_path.read_text(errors="replace").split("\n")
         except OSError:
-            return "(no log)"
+            return ""
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
-    def ready(self) -> bool:
-        """The current incarnation said it is ready (the log keeps every incarnation's lines)."""
-        try:
-            return self.log_path.read_text(errors="replace").count(READY_MARK) > self.restarts
-        except OSError:
-            return False
+
+class ReadyInbox:
+    """Where the nodes this launcher started announce NodeReady. A Unix socket in a private folder,
+    not loopback TCP: nodes in other network namespaces reach it too, other users cannot."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="flowspec-")
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        self.address = f"ipc://{self._folder.name}/ready"
+        self._socket.bind(self.address)
+
+    def receive(self) -> list[NodeReady]:
+        """The announcements that arrived since the last call."""
+        announced = []
+        while True:
+            try:
+                frame = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:  # nothing more waiting
+                return announced
+            try:
+                message = decode_control(frame)
+            except ProtocolError:  # proves nothing about any node
+                continue
+            if isinstance(message, NodeReady):
+                announced.append(message)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()
+        self._folder.cleanup()
 
 
 def node_command(topology_path: Path, name: str) -> list[str]:
@@ -52,7 +118,11 @@ def node_command(topology_path: Path, name: str) -> list[str]:
 
 
 class LocalCluster:
-    """The nodes of a topology that live on this machine, one process each."""
+    """The nodes of a topology that live on this machine, one process each.
+
+    With `restart`, dead nodes come back by the topology's [service] restart policy; without it
+    (tests that kill nodes on purpose, benchmarks) the first death is final.
+    """
 
     def __init__(
         self,
@@ -60,7 +130,7 @@ class LocalCluster:
         names: list[str] | None = None,
         log_dir: Path | None = None,
         wrap: Callable[[str], list[str]] = lambda name: [],
-        restart_limit: int = 0,
+        restart: bool = False,
     ) -> None:
         self.topology_path = Path(topology_path).resolve()
         self.topology: Topology = load_topology(self.topology_path)
@@ -69,20 +139,33 @@ class LocalCluster:
         self.log_dir = log_dir or cache_root() / "logs" / time.strftime("%Y%m%d-%H%M%S")
         self.nodes: dict[str, NodeProcess] = {}
         self.wrap = wrap  # command prefix per node, e.g. `ip netns exec HOST` for emulated hosts
-        self.restart_limit = restart_limit  # restarts allowed per node before a death is final
+        self.policy = RestartPolicy.from_service(self.topology.service) if restart else NEVER_RESTART
+        self._inbox: ReadyInbox | None = None
+        self._lock = threading.Lock()  # check() runs from the caller or the supervisor thread
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
 
     def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         # Nodes on one machine share its cores: give each an equal number of compute threads.
         env = dict(os.environ, FLOWSPEC_THREADS=str(max(1, (os.cpu_count() or 1) // len(self.names))))
         for name in self.names:
             self.start_node(name, env)
 
     def start_node(self, name: str, env: dict[str, str]) -> None:
+        if self._inbox is None:
+            self._prepare()
+        env = {**env, READY_ENV: self._inbox.address}
         log_path = self.log_dir / f"{name}.log"
         self.nodes[name] = NodeProcess(name, self._spawn(name, env, log_path, "w"), log_path, env)
+
+    def _prepare(self) -> None:
+        """Before the first node: fail in one line if no node could load the model, not in every log."""
+        try:
+            resolve_model_dir(self.topology.model.source)
+        except ValueError as exc:
+            raise TopologyError(f"{self.topology.path}: model.source: {exc}") from None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._inbox = ReadyInbox()
 
     def _spawn(self, name: str, env: dict[str, str], log_path: Path, mode: str) -> subprocess.Popen:
         with open(log_path, mode) as log:
@@ -92,20 +175,42 @@ class LocalCluster:
             )
 
     def check(self) -> list[str]:
-        """Restart dead nodes within their budget; returns the restarted names, raises NodeDied past it."""
-        restarted = []
-        for node in self.nodes.values():
-            code = node.process.poll()
-            if code is None:
-                continue
-            if node.restarts >= self.restart_limit:
-                raise NodeDied(node.name, code, node.log_tail())
-            node.restarts += 1
-            with open(node.log_path, "a") as log:
-                log.write(f"\n--- exited with code {code}; restart {node.restarts} of {self.restart_limit} ---\n")
-            node.process = self._spawn(node.name, node.env, node.log_path, "a")
-            restarted.append(node.name)
-        return restarted
+        """Note which nodes announced readiness and restart the dead whose backoff has passed;
+        returns the names restarted now. Raises NodeDied when the policy gives up on a node."""
+        with self._lock:
+            for message in self._inbox.receive():
+                node = self.nodes.get(message.node)
+                if node is not None and node.process.pid == message.pid:  # the current incarnation only
+                    node.ready = True
+            now = time.monotonic()
+            restarted = []
+            for node in self.nodes.values():
+                if node.restart_at is None:
+                    code = node.process.poll()
+                    if code is None:
+                        continue
+                    self._died(node, code, now)
+                if node.restart_at <= now:
+                    node.restart_at = None
+                    node.restarts += 1
+                    node.process = self._spawn(node.name, node.env, node.log_path, "a")
+                    restarted.append(node.name)
+            return restarted
+
+    def _died(self, node: NodeProcess, code: int, now: float) -> None:
+        node.ready = False
+        node.deaths = self.policy.recent([*node.deaths, now], now)
+        delay = self.policy.delay(node.deaths, now)
+        if delay is None:
+            reason = f"exited with code {code}"
+            if self.policy.limit:
+                reason += (f", its death {len(node.deaths)} within {self.policy.window_s:g} s "
+                           f"([service] restart_limit = {self.policy.limit})")
+            raise NodeDied(node.name, reason, node.last_log_line(), node.log_path)
+        node.restart_at = now + delay
+        with open(node.log_path, "a") as log:
+            log.write(f"\n--- exited with code {code}; restarting in {delay:g} s "
+                      f"(death {len(node.deaths)} of at most {self.policy.limit} within {self.policy.window_s:g} s) ---\n")
 
     def supervise_in_background(self, period_s: float = 0.2) -> None:
         """Keep restarting dead nodes from a thread (tests; `flowspec launch` polls itself)."""
@@ -126,7 +231,7 @@ class LocalCluster:
         while pending:
             self.check()
             for name in sorted(pending):
-                if self.nodes[name].ready():
+                if self.nodes[name].ready:
                     pending.discard(name)
                     if on_ready:
                         on_ready(name)
@@ -148,6 +253,9 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(node.process.pid, signal.SIGKILL)
                 node.process.wait()
+        if self._inbox is not None:
+            self._inbox.close()
+            self._inbox = None
 
     def __enter__(self) -> LocalCluster:
         self.start()

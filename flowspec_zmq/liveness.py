@@ -1,4 +1,5 @@
-"""Liveness: stages send heartbeats to the head's control socket; the head notices silence.
+"""Liveness: a node tells its launcher when it serves; stages send heartbeats to the head's control
+socket, and the head notices silence.
 
 A heartbeat says which node is alive and how long its current computation has run, so the head
 can tell a dead node (no heartbeats) from a hung one (heartbeats, but one computation for too long).
@@ -12,13 +13,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import msgpack
 import zmq
 import zmq.asyncio
 
+from .protocol import Heartbeat, NodeReady, ProtocolError, decode_control, encode_control
 from .security import Keys
 
 HEARTBEAT_S = 0.5
+READY_ENV = "FLOWSPEC_READY"  # where the launcher that started this process listens for NodeReady
+
+
+def announce_ready(context: zmq.Context, node: str) -> None:
+    """Tell the launcher that this process serves now; nodes started by hand have none to tell."""
+    address = os.environ.get(READY_ENV)
+    if not address:
+        return
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 5000)  # closing at once must not drop the message
+    socket.connect(address)
+    socket.send(encode_control(NodeReady(node, os.getpid())))
+    socket.close()
 
 
 async def send_heartbeats(
@@ -37,7 +51,7 @@ async def send_heartbeats(
     try:
         while True:
             try:
-                socket.send(msgpack.packb({"node": node, "busy_s": busy_for(), "incarnation": incarnation}), zmq.NOBLOCK)
+                socket.send(encode_control(Heartbeat(node, busy_for(), incarnation)), zmq.NOBLOCK)
             except zmq.Again:  # the head is away; the next beat will try again
                 pass
             await asyncio.sleep(HEARTBEAT_S)
@@ -62,18 +76,17 @@ class Watchdog:
 
     def beat(self, frame: bytes) -> None:
         try:
-            message = msgpack.unpackb(frame)
-            node, busy, incarnation = message["node"], float(message["busy_s"]), str(message["incarnation"])
-        except Exception:  # a malformed heartbeat proves nothing; ignore it
+            beat = decode_control(frame)
+        except ProtocolError:  # a malformed heartbeat proves nothing; ignore it
             return
-        if node not in self.stages:
+        if not isinstance(beat, Heartbeat) or beat.node not in self.stages:
             return
-        if self.incarnations.get(node, incarnation) != incarnation:
+        if self.incarnations.get(beat.node, beat.incarnation) != beat.incarnation:
             self.restarts += 1
-            self.last_restarted = node
-        self.incarnations[node] = incarnation
-        self.last_seen[node] = time.monotonic()
-        self.busy_s[node] = busy
+            self.last_restarted = beat.node
+        self.incarnations[beat.node] = beat.incarnation
+        self.last_seen[beat.node] = time.monotonic()
+        self.busy_s[beat.node] = beat.busy_s
 
     def problem(self) -> str | None:
         """A sentence naming the first stage that is dead or hung, or None."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import msgpack
@@ -179,6 +179,21 @@ def encode(message: Message) -> list[bytes | memoryview]:
     return [msgpack.packb(header), *frames]
 
 
+def _header(buffer: memoryview, limit: int) -> dict[str, Any]:
+    """A msgpack header of at most `limit` bytes, as a map of this schema version."""
+    if buffer.nbytes > limit:
+        raise ProtocolError(f"header of {buffer.nbytes} bytes exceeds the {limit}-byte limit")
+    try:
+        header = msgpack.unpackb(buffer, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage input
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    if type(header.get("v")) is not int or header["v"] != SCHEMA_VERSION:
+        raise ProtocolError(f"schema version {header.get('v')!r} is not {SCHEMA_VERSION}")
+    return header
+
+
 def decode(frames: Sequence[bytes | memoryview | Any]) -> Message:
     """Multipart frames -> Message, or ProtocolError saying what is wrong."""
     if not frames:
@@ -187,16 +202,7 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Message:
     total = sum(b.nbytes for b in buffers)
     if total > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {total} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-    if buffers[0].nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {buffers[0].nbytes} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-    try:
-        header = msgpack.unpackb(buffers[0], strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for garbage input
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header must be a map")
-    if type(header.get("v")) is not int or header["v"] != SCHEMA_VERSION:
-        raise ProtocolError(f"schema version {header.get('v')!r} is not {SCHEMA_VERSION}")
+    header = _header(buffers[0], MAX_HEADER_BYTES)
     kind = header.get("kind")
     request_id = _int(header, "req")
     tensor_specs = header.get("tensors", [])
@@ -227,3 +233,62 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Message:
     if kind == "error":
         return StageError(request_id, _str(header, "node"), _str(header, "reason"))
     raise ProtocolError(f"unknown message kind {kind!r}")
+
+
+# --- Node control messages: beside the ring, one frame each (readiness to the launcher, heartbeats
+# to the head). Same header convention as the ring messages; no tensors.
+
+MAX_CONTROL_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class NodeReady:
+    """A node process serves now; sent once to the launcher that started it."""
+
+    kind: ClassVar[str] = "ready"
+    node: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A stage is alive. `busy_s`: how long its current computation has run (0 when idle);
+    `incarnation`: which process it is (a new one has lost its KV caches)."""
+
+    kind: ClassVar[str] = "heartbeat"
+    node: str
+    busy_s: float
+    incarnation: str
+
+
+ControlMessage = NodeReady | Heartbeat
+
+
+def _seconds(header: dict[str, Any], key: str) -> float:
+    value = header.get(key)
+    if type(value) not in (int, float) or not 0 <= value < math.inf:
+        raise ProtocolError(f"field {key!r} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _only(header: dict[str, Any], *keys: str) -> None:
+    extra = set(header) - {"v", "kind", *keys}
+    if extra:
+        raise ProtocolError(f"unexpected fields {sorted(map(str, extra))} in a {header['kind']!r} message")
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, "kind": message.kind, **asdict(message)})
+
+
+def decode_control(frame: bytes | memoryview) -> ControlMessage:
+    """One control frame -> NodeReady or Heartbeat, or ProtocolError saying what is wrong."""
+    header = _header(memoryview(frame), MAX_CONTROL_BYTES)
+    kind = header.get("kind")
+    if kind == NodeReady.kind:
+        _only(header, "node", "pid")
+        return NodeReady(_str(header, "node"), _int(header, "pid"))
+    if kind == Heartbeat.kind:
+        _only(header, "node", "busy_s", "incarnation")
+        return Heartbeat(_str(header, "node"), _seconds(header, "busy_s"), _str(header, "incarnation"))
+    raise ProtocolError(f"unknown control message kind {kind!r}")

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from flowspec_zmq.draft import make_draft_source
 from flowspec_zmq.head_node import HeadNode
+from flowspec_zmq.liveness import announce_ready
 from flowspec_zmq.memory import return_free_memory
 from flowspec_zmq.model_slices import load_head_model
 from flowspec_zmq.protocol import DTYPES
@@ -46,6 +47,7 @@ async def serve(topology_path: Path, name: str) -> None:
         topology.model.max_context, topology.decoding.prefill_chunk, drafts,
     )
     log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
+    announce_ready(plain, name)
     await run_until_stopped(head_node.run(), context, log)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import uvloop
 import zmq.asyncio
 
-from flowspec_zmq.liveness import send_heartbeats
+from flowspec_zmq.liveness import announce_ready, send_heartbeats
 from flowspec_zmq.model_slices import load_config, load_layer_window
 from flowspec_zmq.protocol import DTYPES
 from flowspec_zmq.stage_node import StageNode
@@ -38,6 +38,7 @@ async def serve(topology_path: Path, name: str) -> None:
     stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context,
                       tracer=tracer_from_env(name), profile=node.profile)
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
+    announce_ready(plain, name)
     head = topology.head
     heartbeats = send_heartbeats(plain, tcp(head.host, head.control_port), name, stage.busy_for, keys, head.name)
     await run_until_stopped(asyncio.gather(stage.run(), heartbeats), context, log)

@@ -10,15 +10,20 @@ from hypothesis import strategies as st
 
 from flowspec_zmq import protocol
 from flowspec_zmq.protocol import (
+    MAX_CONTROL_BYTES,
     MAX_HEADER_BYTES,
     SCHEMA_VERSION,
+    Heartbeat,
+    NodeReady,
     Prune,
     ProtocolError,
     Release,
     Segment,
     StageError,
     decode,
+    decode_control,
     encode,
+    encode_control,
 )
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -497,3 +502,100 @@ def test_fuzz_mutated_valid_messages(message, data) -> None:
         frame += data.draw(st.binary(min_size=1, max_size=8))
     frames[index] = bytes(frame)
     decode_or_protocol_error(frames)
+
+
+# -- node control messages: readiness and heartbeats ---------------------------------------------
+
+ready_messages = st.builds(NodeReady, node=st.text(max_size=40), pid=st.integers(0, 2**22))
+heartbeats = st.builds(
+    Heartbeat, node=st.text(max_size=40), busy_s=st.floats(0, 1e6), incarnation=st.text(max_size=40)
+)
+
+
+@FAST
+@given(st.one_of(ready_messages, heartbeats))
+def test_node_control_messages_round_trip(message) -> None:
+    got = decode_control(bytes(encode_control(message)))
+    assert type(got) is type(message) and got == message
+
+
+def heartbeat_header(**overrides) -> dict:
+    return {"v": SCHEMA_VERSION, "kind": "heartbeat", "node": "stage1", "busy_s": 0.25, "incarnation": "7-1", **overrides}
+
+
+def control_rejected(frame: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_control(frame)
+
+
+def test_hand_built_control_headers_decode() -> None:
+    assert decode_control(msgpack.packb(heartbeat_header(busy_s=0))) == Heartbeat("stage1", 0.0, "7-1")
+    ready = {"v": SCHEMA_VERSION, "kind": "ready", "node": "head", "pid": 4242}
+    assert decode_control(msgpack.packb(ready)) == NodeReady("head", 4242)
+
+
+@pytest.mark.parametrize("frame", [b"", b"\xc1", b"hello world", msgpack.packb([1, 2]), msgpack.packb("ready")])
+def test_control_garbage_rejected(frame: bytes) -> None:
+    control_rejected(frame, "msgpack|map")
+
+
+@pytest.mark.parametrize("version", [0, SCHEMA_VERSION + 1, "1", None])
+def test_control_wrong_schema_version_rejected(version) -> None:
+    control_rejected(msgpack.packb(heartbeat_header(v=version)), "schema version")
+
+
+@pytest.mark.parametrize("kind", ["release", "segment", "Heartbeat", "", 3, None, [1]])
+def test_control_unknown_kind_rejected(kind) -> None:
+    control_rejected(msgpack.packb(heartbeat_header(kind=kind)), "kind")
+
+
+def test_ring_message_is_not_a_control_message() -> None:
+    control_rejected(bytes(encode(Release(1))[0]), "kind")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("node", 3, "node"), ("node", None, "node"), ("node", b"stage1", "node"),
+        ("incarnation", 7, "incarnation"),
+        ("busy_s", -0.5, "busy_s"), ("busy_s", float("nan"), "busy_s"), ("busy_s", float("inf"), "busy_s"),
+        ("busy_s", "0", "busy_s"), ("busy_s", True, "busy_s"), ("busy_s", None, "busy_s"),
+        ("extra", 1, "unexpected fields"),
+    ],
+)
+def test_heartbeat_fields_validated(field: str, value, match: str) -> None:
+    control_rejected(msgpack.packb(heartbeat_header(**{field: value})), match)
+
+
+@pytest.mark.parametrize("pid", [-1, True, "42", 4.5, None, 1 << 63])
+def test_ready_pid_validated(pid) -> None:
+    control_rejected(msgpack.packb({"v": SCHEMA_VERSION, "kind": "ready", "node": "head", "pid": pid}), "pid")
+
+
+@pytest.mark.parametrize("missing", ["node", "busy_s", "incarnation"])
+def test_heartbeat_missing_field_rejected(missing: str) -> None:
+    header = heartbeat_header()
+    del header[missing]
+    control_rejected(msgpack.packb(header), missing)
+
+
+def test_oversized_control_message_rejected() -> None:
+    control_rejected(msgpack.packb(heartbeat_header(node="s" * MAX_CONTROL_BYTES)), "limit")
+
+
+control_headers = st.dictionaries(
+    st.sampled_from(["v", "kind", "node", "pid", "busy_s", "incarnation"]),
+    st.one_of(msgpack_scalars, st.sampled_from([SCHEMA_VERSION, "ready", "heartbeat"])),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=64), control_headers.map(msgpack.packb)))
+def test_fuzz_control_frames(frame: bytes) -> None:
+    # Decode or ProtocolError, nothing else.
+    try:
+        message = decode_control(frame)
+    except ProtocolError:
+        return
+    assert isinstance(message, (NodeReady, Heartbeat))

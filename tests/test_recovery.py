@@ -25,7 +25,7 @@ def supervised_ring(tmp_path_factory):
     folder = tmp_path_factory.mktemp("recovery")
     path = folder / "topology.toml"
     path.write_text(local_topology_toml(TEST_MODEL, 3))
-    cluster = LocalCluster(path, log_dir=folder / "logs", restart_limit=10)
+    cluster = LocalCluster(path, log_dir=folder / "logs", restart=True)
     with cluster:
         cluster.supervise_in_background()
         yield cluster
@@ -57,12 +57,11 @@ def test_killed_stage_is_replaced_and_output_is_unchanged(supervised_ring, refer
     assert supervised_ring.nodes[victim].restarts == restarts_before + 1
 
 
-def test_unrecoverable_failure_reports_the_node_and_keeps_tokens(tmp_path, reference, monkeypatch):
+def test_unrecoverable_failure_reports_the_node_and_keeps_tokens(tmp_path, reference):
     """Without a launcher to restart it, a dead stage fails the request with a clear error that
     names the stage, and the tokens committed before it are handed back."""
-    monkeypatch.setenv("FLOWSPEC_RECOVERY_S", "4")
     path = tmp_path / "topology.toml"
-    path.write_text(local_topology_toml(TEST_MODEL, 2))
+    path.write_text(local_topology_toml(TEST_MODEL, 2, service={"recovery_timeout_s": 4.0}))
     with LocalCluster(path, log_dir=tmp_path / "logs") as cluster:
         client = Client(client_address(cluster))
         ids: list[int] = []

@@ -1,4 +1,5 @@
-"""`flowspec launch` stops every node on SIGTERM or Ctrl-C: no orphan processes, ports released."""
+"""`flowspec launch` stops every node on SIGTERM or Ctrl-C: no orphan processes, ports released. A
+configuration mistake stops it at once with one line of error, no traceback unless --debug."""
 
 from __future__ import annotations
 
@@ -49,3 +50,18 @@ def test_launch_stops_all_nodes(tmp_path, stop_signal):
         time.sleep(0.1)
     ports = [topology.head.port, topology.head.client_port, topology.head.control_port, *(s.port for s in topology.stages)]
     assert all(port_is_free(port) for port in ports)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "--debug"])
+def test_configuration_mistake_is_one_line(tmp_path, debug):
+    path = tmp_path / "topology.toml"
+    path.write_text(local_topology_toml(TEST_MODEL, 1, service={"restart_limit": -1}))
+    launch = [sys.executable, "-m", "flowspec_zmq.cli", *(["--debug"] if debug else []), "launch", str(path)]
+    run = subprocess.run(launch, capture_output=True, text=True, timeout=120)
+    if debug:
+        assert run.returncode != 0
+        assert "Traceback" in run.stderr and run.stderr.rstrip().splitlines()[-1].startswith("flowspec_zmq.topology.TopologyError")
+    else:
+        assert run.returncode == 2
+        assert len(run.stderr.splitlines()) == 1 and "Traceback" not in run.stderr
+        assert run.stderr.startswith(f"flowspec: error: {path}: service.restart_limit: must be positive")
