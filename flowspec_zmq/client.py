@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator
 
 import zmq
 import zmq.asyncio
 
-from .client_protocol import pack, unpack_reply
+from .client_protocol import (
+    Accepted, Alive, Cancel, ClientRequestError, Done, Failed, Generate, Info, InfoReply, Reply, Tokens, pack,
+    unpack_reply,
+)
 from .security import Keys
 from .transport import receive_frames
 
@@ -40,10 +43,12 @@ class Completion:
 
 
 class Client:
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout_s: float = 300.0, keys: Keys | None = None) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, answer_timeout_s: float = 5.0, keys: Keys | None = None) -> None:
         self.address = address
         self.keys = keys  # CurveZMQ key pair to present when the cluster requires one
-        self.timeout_s = timeout_s  # longest silence from the head before giving up
+        # The head says it is alive at least every ALIVE_S while it holds our request, so a few
+        # seconds of silence mean it is gone (or never was there).
+        self.answer_timeout_s = answer_timeout_s
         self.context = zmq.asyncio.Context.instance()
         self._ids = itertools.count(1)
 
@@ -55,19 +60,32 @@ class Client:
         socket.connect(self.address)
         return socket
 
-    async def _receive(self, socket: zmq.asyncio.Socket) -> dict[str, Any]:
-        try:
-            frames = await asyncio.wait_for(receive_frames(socket), self.timeout_s)
-        except asyncio.TimeoutError:
-            raise GenerationFailed(f"no answer from the head at {self.address} for {self.timeout_s:.0f} s", []) from None
-        return unpack_reply(frames[-1])
+    def _silence(self, heard: bool, ids: list[int]) -> GenerationFailed:
+        if heard:
+            return GenerationFailed(
+                f"the head at {self.address} stopped answering for {self.answer_timeout_s:g} s (it died or "
+                f"restarted); {len(ids)} tokens were committed before", ids)
+        hint = "" if self.keys else "; if the cluster uses CurveZMQ keys ([security] keys), the client needs its key too"
+        return GenerationFailed(
+            f"nothing answers at {self.address} (waited {self.answer_timeout_s:g} s): start the cluster with "
+            f"`flowspec launch`, or check the address{hint}", ids)
 
-    async def _send(self, socket: zmq.asyncio.Socket, message: dict[str, Any]) -> None:
+    async def _receive(self, socket: zmq.asyncio.Socket, heard: bool, ids: list[int]) -> Reply:
+        try:
+            frames = await asyncio.wait_for(receive_frames(socket), self.answer_timeout_s)
+        except asyncio.TimeoutError:
+            raise self._silence(heard, ids) from None
+        try:
+            return unpack_reply(frames[-1])
+        except ClientRequestError as exc:
+            raise GenerationFailed(f"the head at {self.address} sent a bad reply: {exc}", ids) from None
+
+    async def _send(self, socket: zmq.asyncio.Socket, message: Generate | Info) -> None:
         # A DEALER with no live connection blocks in send: bound it like a reply.
         try:
-            await asyncio.wait_for(socket.send(pack(message)), self.timeout_s)
+            await asyncio.wait_for(socket.send(pack(message)), self.answer_timeout_s)
         except asyncio.TimeoutError:
-            raise GenerationFailed(f"cannot reach the head at {self.address} for {self.timeout_s:.0f} s", []) from None
+            raise self._silence(False, []) from None
 
     async def events(
         self,
@@ -77,31 +95,33 @@ class Client:
         prompt_ids: list[int] | None = None,
         **options: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Raw events: {"event": "tokens", "ids", "text"} ... then {"event": "done", "stats"}."""
+        """Raw events: {"event": "tokens", "id", "ids", "text"} ... then {"event": "done", "id", "stats"}."""
         request_id = next(self._ids)
-        request: dict[str, Any] = {"op": "generate", "id": request_id, "options": options}
-        for key, value in (("prompt", prompt), ("messages", messages), ("prompt_ids", prompt_ids)):
-            if value is not None:
-                request[key] = value
         socket = self._socket()
-        finished = False
+        finished, heard, ids = False, False, []
         try:
-            await self._send(socket, request)
+            await self._send(socket, Generate(request_id, prompt, messages, prompt_ids, options))
             while True:
-                event = await self._receive(socket)
-                if event.get("id") not in (request_id, -1):
+                reply = await self._receive(socket, heard, ids)
+                if reply.id not in (request_id, -1):
                     continue
-                if event["event"] == "error":
-                    finished = True
-                    raise GenerationFailed(event.get("message", "unknown error"), event.get("ids", []))
-                yield event
-                if event["event"] == "done":
+                heard = True
+                match reply:
+                    case Failed():
+                        finished = True
+                        raise GenerationFailed(reply.message, reply.ids or ids)
+                    case Tokens():
+                        ids = ids + reply.ids
+                    case Accepted() | Alive():
+                        continue
+                yield {"event": reply.kind, **asdict(reply)}
+                if isinstance(reply, Done):
                     finished = True
                     return
         finally:
             if not finished:  # the caller stopped early: free the head for others (best effort)
                 try:
-                    await socket.send(pack({"op": "cancel", "id": request_id}), zmq.NOBLOCK)
+                    await socket.send(pack(Cancel(request_id)), zmq.NOBLOCK)
                 except zmq.Again:  # no connection to the head: nothing to cancel there
                     pass
             socket.close()
@@ -123,10 +143,13 @@ class Client:
         return completion
 
     async def info(self) -> dict[str, Any]:
+        """The head's model, stages, context and default decoding options."""
         socket = self._socket()
         try:
-            await self._send(socket, {"op": "info", "id": 0})
-            return await self._receive(socket)
+            await self._send(socket, Info(0))
+            while not isinstance(reply := await self._receive(socket, False, []), InfoReply):
+                pass
+            return reply.info
         finally:
             socket.close()
 

@@ -1,15 +1,15 @@
-"""The head node: tokenizer, embedding + lm_head, draft sources, the scheduler and the client endpoint.
+"""The head node's endpoint: clients, the admission queue, liveness of the stages; the engine runs
+the requests on the ring.
 
 Clients talk to a ROUTER socket; requests are served one at a time in arrival order (the stages
-hold one request's tree at a time), each streamed back as it is committed.
+hold one request's tree at a time), each streamed back as it is committed. Whatever goes wrong in
+one request ends that request with a clear error and the tokens it has; the head keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -19,84 +19,58 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .client_protocol import ClientRequestError, pack, unpack
+from .client_protocol import (
+    ALIVE_S, MAX_CLIENT_MESSAGE_BYTES, Accepted, Alive, Cancel, ClientRequestError, Done, Failed, Generate, Info,
+    InfoReply, Reply, Tokens, pack, unpack_request,
+)
+from .detokenize import TextStream
+from .draft import DraftSource
+from .engine import HeadEngine, RingHealth
 from .liveness import Watchdog
 from .memory import return_free_memory
-from .draft import DraftSource, TreeShape, make_draft_source
 from .model_slices import HeadModel
 from .models import eos_ids
 from .protocol import Message, StageError
-from .sampling import SamplingParams
-from .scheduler import (
-    ANY_REQUEST, GenerationError, GenerationRequest, GenerationStats, HeadWorkers, Scheduler, StageFailure,
-)
-from .strategies import make_strategy
+from .scheduler import ANY_REQUEST, GenerationError, GenerationStats
 from .security import Keys
-from .topology import DecodingConfig, TopologyError, override_decoding
+from .topology import DecodingConfig, ServiceConfig, TopologyError, override_decoding
 from .trace import tracer_from_env
 from .transport import RingLink, receive_frames
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Attempt:
-    restarts: int  # the watchdog's restart count when the attempt began
-    interrupted: bool = False
-
-
 class Cancelled(Exception):
-    """The client asked to stop its request."""
+    """The client asked to stop its request, or went away."""
 
 
-def prompt_ids(tokenizer, request: dict[str, Any]) -> list[int]:
+def prompt_ids(tokenizer, request: Generate) -> list[int]:
     """Token ids for a request's `prompt_ids`, `messages` (chat template) or `prompt` (raw text)."""
-    if "prompt_ids" in request:
-        ids = request["prompt_ids"]
-        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < len(tokenizer) for i in ids):
-            raise ClientRequestError("prompt_ids must be a list of valid token ids")
-        return ids
-    if "messages" in request:
-        messages = request["messages"]
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise ClientRequestError("messages must be a list of {role, content} strings")
-        if tokenizer.chat_template:
-            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        # A base model has no template: a plain transcript works well enough for a demo chat.
-        transcript = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        return tokenizer(transcript)["input_ids"]
-    prompt = request.get("prompt")
-    if not isinstance(prompt, str):
-        raise ClientRequestError("a generate request needs 'prompt', 'messages' or 'prompt_ids'")
-    return tokenizer(prompt)["input_ids"]
-
-
-class TextStream:
-    """Turns growing token lists into text deltas, holding back half-decoded characters."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
-
-    def push(self, ids: list[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.sent = text[len(self.sent) :], text
-        return delta
+    if request.prompt_ids is not None:
+        if not all(i < len(tokenizer) for i in request.prompt_ids):
+            raise ClientRequestError("prompt_ids must be a list of valid token ids", request.id)
+        return request.prompt_ids
+    if request.messages is not None:
+        if not tokenizer.chat_template:
+            # A base model has no template: a plain transcript works well enough for a demo chat.
+            transcript = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in request.messages)
+            return tokenizer(transcript + "Assistant:")["input_ids"]
+        try:
+            rendered = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # templates raise their own errors, e.g. for roles that do not alternate
+            raise ClientRequestError(f"the model's chat template rejects these messages: {exc}", request.id) from None
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    if request.prompt is None:
+        raise ClientRequestError("a generate request needs 'prompt', 'messages' or 'prompt_ids'", request.id)
+    return tokenizer(request.prompt)["input_ids"]
 
 
 @dataclass
 class ClientJob:
     identity: bytes
-    request_id: int
-    message: dict[str, Any]
+    request: Generate
+    options: DecodingConfig
+    cancelled: str = ""  # why it must stop, once its client cancelled or vanished
 
 
 class HeadNode:
@@ -116,16 +90,15 @@ class HeadNode:
         max_context: int,
         prefill_chunk: int,
         drafts: dict[tuple[str, int], DraftSource],
+        service: ServiceConfig,
     ) -> None:
         self.name = name
         self.model_dir = model_dir
-        self.head = head
         self.tokenizer = tokenizer
-        self.eos_ids = eos_ids(model_dir, tokenizer)
         self.link = link
         self.clients = context.socket(zmq.ROUTER)
         self.clients.setsockopt(zmq.LINGER, 0)
-        self.clients.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        self.clients.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_MESSAGE_BYTES)
         self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # so a vanished client frees its request
         if keys:
             keys.serve(self.clients)
@@ -136,27 +109,27 @@ class HeadNode:
         if keys:
             keys.serve(self.control)
         self.control.bind(control_address)
-        self.watchdog = Watchdog(stages)
-        self.running: Attempt | None = None  # the generation attempt in progress
+        self.watchdog = Watchdog(stages, dead_after_s=service.dead_after_s, hung_after_s=service.hung_after_s)
         self.num_stages = len(stages)
         self.defaults = defaults
         self.max_context = max_context
-        self.prefill_chunk = prefill_chunk
-        self.drafts = drafts  # loaded draft sources by (kind, draft vocabulary); others load on first use
-        self.workers = HeadWorkers.start()
+        self.service = service
         self.returns: asyncio.Queue[Message] = asyncio.Queue()
-        self.jobs: deque[ClientJob] = deque()
+        self.engine = HeadEngine(
+            model_dir, head, eos_ids(model_dir, tokenizer), link.send, self.returns, len(stages), max_context,
+            prefill_chunk, service, drafts, tracer_from_env(name),
+            RingHealth(self.watchdog.problem, lambda: self.watchdog.restarts),
+            # Ids unique across head restarts: stages may still hold caches of the old head's requests.
+            first_request_id=int(time.time() * 1000) % (1 << 40),
+        )
+        self.jobs: deque[ClientJob] = deque()  # admitted, waiting (at most service.max_queued_requests)
         self.job_ready = asyncio.Event()
-        self.cancelled: set[tuple[bytes, int]] = set()
-        self.request_ids = itertools.count(int(time.time() * 1000) % (1 << 40))
-        self.tracer = tracer_from_env(name)
-        self.max_recoveries = 3
-        # How long a request waits for a dead stage to come back (`flowspec launch` restarts it).
-        self.recovery_timeout_s = float(os.environ.get("FLOWSPEC_RECOVERY_S", "30"))
+        self.serving: ClientJob | None = None
 
     async def run(self) -> None:
         await asyncio.gather(
-            self._ring_receive(), self._client_receive(), self._serve(), self._control_receive(), self._watch()
+            self._ring_receive(), self._client_receive(), self._serve(), self._control_receive(), self._watch(),
+            self._keep_clients_informed(),
         )
 
     async def _control_receive(self) -> None:
@@ -165,10 +138,10 @@ class HeadNode:
 
     async def _watch(self) -> None:
         """Interrupt the running attempt as soon as a stage goes silent or comes back as a new
-        process (its KV cache gone), instead of waiting forever for rows that will not come."""
+        process (its KV cache gone), instead of waiting for rows that will not come."""
         while True:
             await asyncio.sleep(0.25)
-            attempt = self.running
+            attempt = self.engine.running
             if attempt is None or attempt.interrupted:
                 continue
             problem = self.watchdog.problem()
@@ -179,26 +152,19 @@ class HeadNode:
                 log.error("%s: %s", self.name, problem)
                 await self.returns.put(StageError(ANY_REQUEST, "watchdog", problem))
 
-    async def _healthy_ring(self, failure: StageFailure, produced: list[int]) -> None:
-        """Wait until every stage sends heartbeats again (restarted by `flowspec launch` or by hand)."""
-        deadline = time.monotonic() + self.recovery_timeout_s
-        while (problem := self.watchdog.problem()) is not None:
-            if time.monotonic() > deadline:
-                raise GenerationError(f"{failure}; not recovered after {self.recovery_timeout_s:.0f} s: {problem}", produced)
-            await asyncio.sleep(0.25)
-
     async def _ring_receive(self) -> None:
         while True:
             await self.returns.put(await self.link.receive())
 
-    async def _reply(self, identity: bytes, message: dict[str, Any]) -> bool:
-        """Send to a client; False when it has disconnected (ROUTER_MANDATORY tells us)."""
+    async def _reply(self, identity: bytes, message: Reply) -> bool:
+        """Send to a client; False when it is gone (ROUTER_MANDATORY tells us) or not reading."""
         try:
-            await self.clients.send_multipart([identity, pack(message)])
+            # Never wait on a client: one that stops reading fills its queue and is let go.
+            await self.clients.send_multipart([identity, pack(message)], flags=zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
-                raise
+                log.warning("%s: cannot answer a client: %s", self.name, exc)
             return False
 
     async def _client_receive(self) -> None:
@@ -206,21 +172,42 @@ class HeadNode:
             frames = await receive_frames(self.clients)
             identity, payload = frames[0], frames[-1]
             try:
-                message = unpack(payload)
+                match unpack_request(payload):
+                    case Generate() as request:
+                        await self._admit(identity, request)
+                    case Cancel(id=request_id):
+                        self._cancel(identity, request_id, "cancelled by its client")
+                    case Info(id=request_id):
+                        await self._reply(identity, InfoReply(request_id, self.info()))
             except ClientRequestError as exc:
                 log.warning("%s: bad client message: %s", self.name, exc)
-                await self._reply(identity, {"id": -1, "event": "error", "message": str(exc), "ids": []})
-                continue
-            match message["op"]:
-                case "generate":
-                    self.jobs.append(ClientJob(identity, message["id"], message))
-                    self.job_ready.set()
-                case "cancel":
-                    self.cancelled.add((identity, message["id"]))
-                case "info":
-                    await self._reply(identity, {"id": message["id"], "event": "info", **self.info()})
-                case op:
-                    await self._reply(identity, {"id": message["id"], "event": "error", "message": f"unknown op {op!r}", "ids": []})
+                await self._reply(identity, Failed(exc.request_id, str(exc), []))
+
+    async def _admit(self, identity: bytes, request: Generate) -> None:
+        """Queue a request whose options are valid, or refuse it at once."""
+        options = self._options(request.options, request.id)
+        if len(self.jobs) >= self.service.max_queued_requests:
+            raise ClientRequestError(
+                f"the head is busy: {len(self.jobs)} requests are waiting already (max_queued_requests); "
+                "try again later", request.id)
+        self.jobs.append(ClientJob(identity, request, options))
+        self.job_ready.set()
+        await self._reply(identity, Accepted(request.id, len(self.jobs) - 1 + (self.serving is not None)))
+
+    def _cancel(self, identity: bytes, request_id: int, reason: str) -> None:
+        """Only requests the head holds can be cancelled: nothing to remember for later."""
+        if self.serving and (self.serving.identity, self.serving.request.id) == (identity, request_id):
+            self.serving.cancelled = reason
+        self.jobs = deque(j for j in self.jobs if (j.identity, j.request.id) != (identity, request_id))
+
+    async def _keep_clients_informed(self) -> None:
+        """Every held request hears from the head at least every ALIVE_S; clients that vanished
+        leave the queue."""
+        while True:
+            await asyncio.sleep(ALIVE_S / 2)
+            for job in [*self.jobs, *([self.serving] if self.serving else [])]:
+                if not await self._reply(job.identity, Alive(job.request.id)):
+                    self._cancel(job.identity, job.request.id, "its client went away")
 
     def info(self) -> dict[str, Any]:
         return {"model": str(self.model_dir), "stages": self.num_stages, "max_context": self.max_context,
@@ -231,96 +218,45 @@ class HeadNode:
             while not self.jobs:
                 self.job_ready.clear()
                 await self.job_ready.wait()
-            job = self.jobs.popleft()
-            if (job.identity, job.request_id) in self.cancelled:
-                self.cancelled.discard((job.identity, job.request_id))
-                continue
-            await self._serve_one(job)
+            self.serving = self.jobs.popleft()
+            try:
+                await self._serve_one(self.serving)
+            finally:
+                self.serving = None
             return_free_memory()  # between requests: the workers' arenas keep what a request freed
 
-    def draft_source(self, kind: str, vocab: int) -> DraftSource:
-        if (kind, vocab) not in self.drafts:
-            log.info("%s: loading the %s draft (draft vocabulary %s)", self.name, kind, vocab or "full")
-            self.drafts[kind, vocab] = make_draft_source(kind, self.model_dir, self.head, vocab)
-        return self.drafts[kind, vocab]
-
     async def _serve_one(self, job: ClientJob) -> None:
+        """Run one request to its end; whatever fails ends this request only, with the tokens it has."""
         stream = TextStream(self.tokenizer)
-        key = (job.identity, job.request_id)
+        request_id = job.request.id
 
         async def on_tokens(ids: list[int]) -> None:
-            if key in self.cancelled:
-                raise Cancelled("cancelled by its client")
-            event = {"id": job.request_id, "event": "tokens", "ids": ids, "text": stream.push(ids)}
-            if not await self._reply(job.identity, event):
+            if job.cancelled:
+                raise Cancelled(job.cancelled)
+            if not await self._reply(job.identity, Tokens(request_id, ids, stream.push(ids))):
                 raise Cancelled("its client went away")
 
         try:
             if problem := self.watchdog.problem():
                 raise GenerationError(problem)
-            options = self._options(job.message.get("options"))
-            ids = prompt_ids(self.tokenizer, job.message)
-            stats = await self.generate(ids, options, on_tokens)
-            await self._reply(job.identity, {"id": job.request_id, "event": "done", "stats": stats_summary(stats)})
-        except (ClientRequestError, GenerationError) as exc:
-            await self._reply(job.identity, {"id": job.request_id, "event": "error", "message": str(exc), "ids": stream.ids})
+            ids = prompt_ids(self.tokenizer, job.request)
+            stats = await self.engine.generate(ids, job.options, on_tokens)
+            if tail := stream.flush():  # text held back for a character that never completed
+                await self._reply(job.identity, Tokens(request_id, [], tail))
+            await self._reply(job.identity, Done(request_id, stats_summary(stats)))
         except Cancelled as reason:
-            log.info("%s: request %d stopped after %d tokens: %s", self.name, job.request_id, len(stream.ids), reason)
-        finally:
-            self.cancelled.discard(key)
+            log.info("%s: request %d stopped after %d tokens: %s", self.name, request_id, len(stream.ids), reason)
+        except (ClientRequestError, GenerationError) as exc:
+            await self._reply(job.identity, Failed(request_id, str(exc), stream.ids))
+        except Exception as exc:  # a bug or a broken peer must not take the head down with it
+            log.exception("%s: request %d failed", self.name, request_id)
+            await self._reply(job.identity, Failed(request_id, f"internal error: {type(exc).__name__}: {exc}", stream.ids))
 
-    def _options(self, overrides: Any) -> DecodingConfig:
-        if overrides is None:
-            return self.defaults
-        if not isinstance(overrides, dict):
-            raise ClientRequestError("options must be a map")
+    def _options(self, overrides: dict[str, Any], request_id: int) -> DecodingConfig:
         try:
             return override_decoding(self.defaults, overrides)
         except TopologyError as exc:
-            raise ClientRequestError(str(exc)) from None
-
-    async def generate(self, ids: list[int], options: DecodingConfig, on_tokens) -> GenerationStats:
-        strategy = make_strategy(options.mode, self.num_stages, options.segment_size, options.tree_top_k)
-        loop = asyncio.get_running_loop()
-        draft = None
-        if strategy.uses_draft:
-            draft = await loop.run_in_executor(self.workers.draft, self.draft_source, options.draft, options.draft_vocab)
-        scheduler = Scheduler(
-            self.head, draft, strategy,
-            TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens, options.tree_width),
-            self.link.send, self.returns.get, self.max_context, self.prefill_chunk, self.workers, self.tracer,
-        )
-        sampling = SamplingParams(options.temperature, options.top_k, options.top_p, options.seed)
-        produced: list[int] = []
-
-        async def record(new: list[int]) -> None:
-            produced.extend(new)
-            await on_tokens(new)
-
-        for recoveries in itertools.count():
-            # A retry re-prefills prompt + everything committed so far: the stages' caches are rebuilt
-            # from the head's tokens, and (greedy, or sampling seeded per position) the rest of the
-            # output is what an uninterrupted run would have produced.
-            request = GenerationRequest(
-                tuple(ids + produced), options.max_new_tokens - len(produced), sampling, self.eos_ids
-            )
-            while not self.returns.empty():  # leftovers of an earlier attempt
-                self.returns.get_nowait()
-            self.running = Attempt(self.watchdog.restarts)
-            try:
-                stats = await scheduler.generate(next(self.request_ids), request, record)
-            except StageFailure as failure:
-                if recoveries >= self.max_recoveries:
-                    raise GenerationError(f"{failure}; gave up after {recoveries} recoveries", produced) from None
-                log.warning("%s: %s; re-prefilling %d tokens", self.name, failure, len(ids) + len(produced))
-                self.running = None
-                await self._healthy_ring(failure, produced)
-                continue
-            finally:
-                self.running = None
-            stats.tokens = produced
-            stats.recoveries = recoveries
-            return stats
+            raise ClientRequestError(str(exc), request_id) from None
 
 
 def stats_summary(stats: GenerationStats) -> dict[str, Any]:
@@ -339,5 +275,7 @@ def stats_summary(stats: GenerationStats) -> dict[str, Any]:
         "mean_gap_s": sum(gaps) / len(gaps) if gaps else 0.0,
         "stop_reason": stats.stop_reason,
         "recoveries": stats.recoveries,
+        "draft_steps": stats.draft_steps,
+        "verify_batches": stats.verify_batches,
     }
 

@@ -60,9 +60,12 @@ class GenerationStats:
     segments_sent: int = 0
     rows_sent: int = 0
     bytes_sent: int = 0
+    # One request's figures over all its attempts (a recovery re-prefills and goes on): the time to
+    # the first token, then decoding from the first token to the last, recoveries included.
+    started: float = field(default_factory=time.perf_counter)
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    token_times: list[float] = field(default_factory=list)  # seconds since decode start, per token
+    token_times: list[float] = field(default_factory=list)  # seconds since the first token, per token
     stop_reason: str = ""
     recoveries: int = 0  # times the ring was re-prefilled after a stage failure
     draft_steps: int = 0  # draft forwards (one expands up to `width` frontier nodes)
@@ -127,6 +130,7 @@ class Scheduler:
         prefill_chunk: int,
         workers: HeadWorkers,
         tracer: Tracer,
+        progress_timeout_s: float = 20.0,
     ) -> None:
         self.head = head
         self.draft = draft if strategy.uses_draft else None
@@ -138,6 +142,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.workers = workers
         self.tracer = tracer
+        self.progress_timeout_s = progress_timeout_s
 
     def _on(self, executor: ThreadPoolExecutor, what: str, fn: Callable[..., Any], *args) -> asyncio.Future:
         def traced():
@@ -172,16 +177,28 @@ class Scheduler:
         stats.bytes_sent += hidden.numel() * hidden.element_size()
 
     async def _next_for(self, request_id: int, committed: Sequence[int]) -> Segment:
-        """The next returning segment of this request; failures anywhere become GenerationError."""
+        """The next returning segment of this request; failures anywhere become GenerationError.
+        The loop only waits for this while segments are in flight, so a long silence means the ring
+        lost a message (dropped as invalid, a dead sender): a failure to recover from, not a hang."""
+        deadline = time.monotonic() + self.progress_timeout_s
         while True:
-            message = await self._receive()
+            try:
+                message = await asyncio.wait_for(self._receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise StageFailure(f"nothing came back from the ring for {self.progress_timeout_s:g} s",
+                                   committed) from None
             if isinstance(message, StageError) and message.request_id in (request_id, ANY_REQUEST):
                 raise StageFailure(f"{message.node}: {message.reason}", committed)
             if isinstance(message, Segment) and message.request_id == request_id:
+                if message.hidden.shape[1] != self.head.embed_tokens.embedding_dim:
+                    raise GenerationError(f"the ring returned hidden states {message.hidden.shape[1]} wide; the "
+                                          f"model's are {self.head.embed_tokens.embedding_dim}", committed)
                 return message
             # Prune/Release echoes and leftovers of earlier requests need nothing from us.
 
-    async def generate(self, request_id: int, request: GenerationRequest, on_tokens: OnTokens) -> GenerationStats:
+    async def generate(self, request_id: int, request: GenerationRequest, on_tokens: OnTokens,
+                       stats: GenerationStats | None = None) -> GenerationStats:
+        """Decode `request`; `stats` of an earlier attempt of the same request add up."""
         prompt = list(request.prompt_ids)
         if not prompt:
             raise GenerationError("the prompt is empty")
@@ -190,7 +207,7 @@ class Scheduler:
                 f"prompt of {len(prompt)} tokens plus max_new_tokens={request.max_new_tokens} exceeds "
                 f"the context of {self.max_context} tokens"
             )
-        stats = GenerationStats()
+        stats = stats or GenerationStats()
         try:
             await self._decode(request_id, request, prompt, stats, on_tokens)
         finally:
@@ -198,7 +215,6 @@ class Scheduler:
         return stats
 
     async def _prefill(self, request_id: int, request: GenerationRequest, prompt: list[int], stats) -> int:
-        start = time.perf_counter()
         chunks = range(0, len(prompt), self.prefill_chunk)
         for seq, begin in enumerate(chunks):
             positions = list(range(begin, min(begin + self.prefill_chunk, len(prompt))))
@@ -208,7 +224,6 @@ class Scheduler:
             pass
         targets = await self._on(self.workers.verify, "logits", self._targets,
                                  returned.hidden[-1:], [len(prompt)], request.sampling)
-        stats.prefill_s = time.perf_counter() - start
         return targets[0]
 
     async def _decode(self, request_id, request: GenerationRequest, prompt, stats: GenerationStats, on_tokens) -> None:
@@ -216,9 +231,11 @@ class Scheduler:
         if self.draft is not None:
             self._draft_update(flight, self.draft.begin, list(prompt))  # beside the target's prefill
         first = await self._prefill(request_id, request, prompt, stats)
-        decode_start = time.perf_counter()
+        if not stats.tokens:
+            stats.prefill_s = time.perf_counter() - stats.started
+        decode_start = stats.started + stats.prefill_s
         stats.tokens.append(first)
-        stats.token_times.append(0.0)
+        stats.token_times.append(time.perf_counter() - decode_start)
         await on_tokens([first])
         if first in request.eos_ids or request.max_new_tokens <= 1:
             stats.stop_reason = "eos" if first in request.eos_ids else "length"
@@ -378,13 +395,14 @@ class Scheduler:
         if not advance.tokens:
             return False
         stats.verifications += 1
-        new_tokens = self._clip(advance.tokens, request, len(stats.tokens))
+        produced = len(flight.committed) - len(request.prompt_ids)  # by this attempt
+        new_tokens = self._clip(advance.tokens, request, produced)
         flight.committed.extend(new_tokens)
         stats.tokens.extend(new_tokens)
         now = time.perf_counter() - decode_start
         stats.token_times.extend([now] * len(new_tokens))
         await on_tokens(new_tokens)
-        if new_tokens[-1] in request.eos_ids or len(stats.tokens) >= request.max_new_tokens:
+        if new_tokens[-1] in request.eos_ids or produced + len(new_tokens) >= request.max_new_tokens:
             stats.stop_reason = "eos" if new_tokens[-1] in request.eos_ids else "length"
             return True
         flight.version += 1

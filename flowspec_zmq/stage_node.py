@@ -23,8 +23,6 @@ from .transport import RingLink
 
 log = logging.getLogger(__name__)
 
-MAX_OPEN_REQUESTS = 64  # KV caches a stage keeps at once
-
 
 class StageNode:
     def __init__(
@@ -36,8 +34,10 @@ class StageNode:
         max_context: int,
         tracer: Tracer,
         profile: DeviceProfile | None = None,
+        max_open_caches: int = 64,
     ) -> None:
         self.name = name
+        self.max_open_caches = max_open_caches  # request KV caches kept at once
         self.window = window
         self.link = link
         self.is_last = is_last
@@ -152,7 +152,7 @@ class StageNode:
         if cache is None:
             if not (segment.commit and segment.positions[0] == 0):
                 raise LookupError(f"request {segment.request_id} is unknown here (its prefix is not cached)")
-            if len(self.caches) >= MAX_OPEN_REQUESTS:
+            if len(self.caches) >= self.max_open_caches:
                 # Forgotten requests (a peer that never released them) must not lock out live ones;
                 # a live request evicted here fails loudly and the head re-prefills it.
                 evicted, _ = self.caches.popitem(last=False)

@@ -44,7 +44,7 @@ async def serve(topology_path: Path, name: str) -> None:
     head_node = HeadNode(
         name, model_dir, head, tokenizer, link, tcp(node.host, node.client_port),
         tcp(node.host, node.control_port), context, tuple(s.name for s in topology.stages), keys, defaults,
-        topology.model.max_context, topology.decoding.prefill_chunk, drafts,
+        topology.model.max_context, topology.decoding.prefill_chunk, drafts, topology.service,
     )
     log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
     announce_ready(plain, name)

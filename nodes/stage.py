@@ -36,7 +36,8 @@ async def serve(topology_path: Path, name: str) -> None:
         context, tcp(node.host, node.port), tcp(next_hop.host, next_hop.port), name, topology.link, keys, next_hop.name
     )
     stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context,
-                      tracer=tracer_from_env(name), profile=node.profile)
+                      tracer=tracer_from_env(name), profile=node.profile,
+                      max_open_caches=topology.service.max_open_caches)
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
     announce_ready(plain, name)
     head = topology.head

@@ -46,23 +46,15 @@ def reference(model_dir: Path, tokenizer) -> Callable[[str, int], list[int]]:
     return greedy
 
 
-@pytest.fixture(scope="module")
-def start_cluster(tmp_path_factory) -> Iterator[Callable[..., LocalCluster]]:
-    """Start a local ring (stopped at the end of the module); returns the running cluster."""
-    clusters: list[LocalCluster] = []
-
-    def start(num_stages: int, **kwargs) -> LocalCluster:
-        folder = tmp_path_factory.mktemp(f"ring{num_stages}")
-        path = folder / "topology.toml"
-        path.write_text(local_topology_toml(TEST_MODEL, num_stages, **kwargs))
-        cluster = LocalCluster(path, log_dir=folder / "logs")
-        clusters.append(cluster)
-        cluster.__enter__()
-        return cluster
-
-    yield start
-    for cluster in clusters:
-        cluster.stop()
+@pytest.fixture(scope="session")
+def ring2(tmp_path_factory) -> Iterator[LocalCluster]:
+    """One real two-stage ring for the end-to-end tests that leave it healthy (starting node
+    processes is the slow part of a test)."""
+    folder = tmp_path_factory.mktemp("ring2")
+    path = folder / "topology.toml"
+    path.write_text(local_topology_toml(TEST_MODEL, 2))
+    with LocalCluster(path, log_dir=folder / "logs") as cluster:
+        yield cluster
 
 
 def client_address(cluster: LocalCluster) -> str:

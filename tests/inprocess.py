@@ -11,16 +11,23 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import torch
+import zmq.asyncio
 
 from flowspec_zmq.draft import DraftSource, TreeShape
 from flowspec_zmq.emulation import DeviceProfile
+from flowspec_zmq.engine import HeadEngine, RingHealth
+from flowspec_zmq.head_node import HeadNode
 from flowspec_zmq.model_slices import HeadModel, load_config, load_layer_window
+from flowspec_zmq.models import eos_ids
 from flowspec_zmq.protocol import Message, Prune
 from flowspec_zmq.scheduler import GenerationRequest, GenerationStats, HeadWorkers, Scheduler
 from flowspec_zmq.sampling import SamplingParams
 from flowspec_zmq.stage_node import StageNode
 from flowspec_zmq.strategies import Mode, make_strategy
+from flowspec_zmq.topology import DecodingConfig, ServiceConfig, free_ports
 from flowspec_zmq.trace import Tracer
+
+MAX_CONTEXT = 512
 
 
 class QueueLink:
@@ -55,7 +62,7 @@ class InProcessRing:
         request_id: int = 1,
     ) -> GenerationStats:
         strategy = make_strategy(mode, len(self.stages), segment_size, shape.top_k)
-        scheduler = Scheduler(self.head, draft, strategy, shape, self.send, self.returns.get, 512, 32,
+        scheduler = Scheduler(self.head, draft, strategy, shape, self.send, self.returns.get, MAX_CONTEXT, 32,
                               self.workers, Tracer("head", None))
         request = GenerationRequest(tuple(prompt_ids), max_new_tokens, SamplingParams(), frozenset())
 
@@ -63,6 +70,16 @@ class InProcessRing:
             pass
 
         return await scheduler.generate(request_id, request, ignore)
+
+    async def receive(self) -> Message:  # the head's side of the ring, as a RingLink
+        return await self.returns.get()
+
+    def engine(self, model_dir: Path, tokenizer, service: ServiceConfig = ServiceConfig(),
+               drafts: dict[tuple[str, int], DraftSource] | None = None) -> HeadEngine:
+        """The head's engine (strategy, draft, recovery) on this ring."""
+        return HeadEngine(model_dir, self.head, eos_ids(model_dir, tokenizer), self.send, self.returns,
+                          len(self.stages), MAX_CONTEXT, 32, service, drafts if drafts is not None else {},
+                          Tracer("head", None), RingHealth.assumed_fine(), workers=self.workers)
 
 
 def stage_windows(model_dir: Path, num_stages: int) -> list:
@@ -78,7 +95,7 @@ async def in_process_ring(
     """Stages paced to `profile` (if given) so that segments really overlap in the pipeline."""
     queues = [asyncio.Queue() for _ in range(len(windows) + 1)]
     stages = [
-        StageNode(f"stage{i + 1}", window, QueueLink(queues[i], queues[i + 1]), i == len(windows) - 1, 512,
+        StageNode(f"stage{i + 1}", window, QueueLink(queues[i], queues[i + 1]), i == len(windows) - 1, MAX_CONTEXT,
                   Tracer(f"stage{i + 1}", None), profile)
         for i, window in enumerate(windows)
     ]
@@ -87,6 +104,30 @@ async def in_process_ring(
     try:
         yield ring
     finally:
+        # Let leftover draft work finish: the next ring may share this draft source.
+        ring.workers.draft.shutdown(wait=True)
+        ring.workers.verify.shutdown(wait=True)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@asynccontextmanager
+async def in_process_head(
+    ring: InProcessRing, model_dir: Path, tokenizer, drafts: dict[tuple[str, int], DraftSource],
+    service: ServiceConfig = ServiceConfig(), defaults: DecodingConfig = DecodingConfig(max_new_tokens=20),
+) -> AsyncIterator[tuple[HeadNode, str]]:
+    """The head's whole endpoint (client ROUTER socket, queue, engine) on this ring; yields the
+    node and the address real clients connect to."""
+    client_port, control_port = free_ports(2)
+    context = zmq.asyncio.Context()
+    head = HeadNode("head", model_dir, ring.head, tokenizer, ring, f"tcp://127.0.0.1:{client_port}",
+                    f"tcp://127.0.0.1:{control_port}", context, tuple(s.name for s in ring.stages), None, defaults,
+                    MAX_CONTEXT, 32, drafts, service)
+    task = asyncio.create_task(head.run())
+    try:
+        yield head, f"tcp://127.0.0.1:{client_port}"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        context.destroy(linger=0)

@@ -5,6 +5,7 @@ node is alive and the ring still produces the target's exact greedy output."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import msgpack
 import pytest
@@ -66,9 +67,12 @@ client_payloads = st.one_of(
     st.binary(max_size=64),
     st.builds(lambda d: msgpack.packb(d), st.dictionaries(st.text(max_size=6), values, max_size=4)),
     # Well-formed requests with one bad field each: they must be answered with an error, not run.
-    st.builds(lambda i, key, value: msgpack.packb({"op": "generate", "id": i, "prompt": "x", "options": {key: value}}),
+    st.builds(lambda i, key, value: msgpack.packb({"v": SCHEMA_VERSION, "kind": "generate", "id": i, "prompt": "x",
+                                                   "options": {key: value}}),
               ints, st.sampled_from(["mode", "max_new_tokens", "wobble", "top_p"]), st.sampled_from(["warp", -1, 0, 9.5])),
-    st.builds(lambda i, op: msgpack.packb({"op": op, "id": i}), st.one_of(ints, st.text(max_size=3)), st.text(max_size=5)),
+    st.builds(lambda i, kind, v: msgpack.packb({"v": v, "kind": kind, "id": i}), st.one_of(ints, st.text(max_size=3)),
+              st.one_of(st.text(max_size=5), st.sampled_from(["cancel", "generate", "info"])),
+              st.sampled_from([SCHEMA_VERSION, SCHEMA_VERSION + 1, "1"])),
 )
 heartbeats = st.one_of(
     st.binary(max_size=32),
@@ -77,8 +81,8 @@ heartbeats = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def ring(start_cluster):
-    return start_cluster(2)
+def ring(ring2):
+    return ring2
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +126,33 @@ def test_every_node_survived_and_still_decodes_exactly(ring, sockets, reference)
     ring.check()
     for name in ("stage1", "stage2"):
         assert "rejected a message" in ring.nodes[name].log_path.read_text()
+
+
+def test_garbage_frames_do_not_kill_a_stage(ring, reference):
+    stage = ring.topology.stages[1]
+    log = ring.nodes[stage.name].log_path
+    rejected_before = log.read_text().count("rejected a message")
+    context = zmq.Context.instance()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(f"tcp://{stage.host}:{stage.port}")
+    good = encode(Segment(1, 0, True, (0,), (-1,), (0,), torch.zeros(1, 576)))
+    bad_messages = [
+        [b"not msgpack at all \xff\xfe"],
+        [msgpack.packb({"v": SCHEMA_VERSION + 1, "kind": "segment", "req": 1})],
+        [msgpack.packb({"v": SCHEMA_VERSION, "kind": "launch_missiles", "req": 1})],
+        [good[0], b"\x00" * 7],  # tensor frame of the wrong size
+        [good[0]],  # tensor frame missing
+        [msgpack.packb([1, 2, 3])],
+        [os.urandom(64), os.urandom(64), os.urandom(64)],
+        # Valid frames but nonsense for the model: wrong hidden width, then positions past the context.
+        encode(Segment(99, 0, True, (0,), (-1,), (0,), torch.zeros(1, 7))),
+        encode(Segment(98, 0, False, (5,), (3,), (10**6,), torch.zeros(1, 576))),
+    ]
+    for frames in bad_messages:
+        push.send_multipart([bytes(memoryview(f)) for f in frames])
+    push.close()
+    ring.check()  # every node still alive
+    completion = asyncio.run(Client(client_address(ring)).complete(PROMPTS["code"], mode="flowspec", max_new_tokens=20))
+    assert completion.ids == reference(PROMPTS["code"], 20)
+    assert log.read_text().count("rejected a message") >= rejected_before + 7

@@ -1,71 +1,104 @@
 """Every mode's greedy output equals the target's own greedy output, token for token, on real
-weights, through real node processes and real ZeroMQ sockets."""
+weights: the whole matrix of modes, drafts, stage counts and tree shapes through the head's engine
+and real stage logic in one process (tests/inprocess.py), then every mode once more through real
+node processes and real ZeroMQ sockets."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 import pytest
+import torch
 
 from flowspec_zmq.client import Client
+from flowspec_zmq.draft import DraftSource
+from flowspec_zmq.model_slices import load_head_model
+from flowspec_zmq.strategies import MODES
+from flowspec_zmq.topology import DecodingConfig
 
 from .conftest import PROMPTS, client_address
+from .inprocess import in_process_ring, stage_windows
 
 NEW_TOKENS = 20
 CASES = [("ar", "int8"), ("tree", "int8"), ("tree", "ngram"), ("specpipe", "int8"), ("specpipe", "ngram"),
          ("flowspec", "int8"), ("flowspec", "ngram")]
-
-
-@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda n: f"{n}stages")
-def ring(request, start_cluster):
-    cluster = start_cluster(request.param)
-    yield cluster
-    cluster.stop()
-
-
-def complete(cluster, prompt: str, **options) -> list[int]:
-    return asyncio.run(Client(client_address(cluster)).complete(prompt, **options)).ids
-
-
-@pytest.mark.parametrize("prompt", sorted(PROMPTS))
-@pytest.mark.parametrize("mode,draft", CASES, ids=[f"{m}-{d}" for m, d in CASES])
-def test_greedy_equals_target(ring, reference, mode, draft, prompt):
-    want = reference(PROMPTS[prompt], NEW_TOKENS)
-    assert complete(ring, PROMPTS[prompt], mode=mode, draft=draft, max_new_tokens=NEW_TOKENS) == want
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_random_tree_shapes_stay_lossless(ring, reference, seed):
-    rng = random.Random(seed)
-    shape = dict(tree_depth=rng.randint(1, 6), tree_top_k=rng.randint(1, 6), tree_width=rng.randint(1, 4),
-                 tree_total_tokens=rng.randint(1, 48), segment_size=rng.randint(1, 20))
-    mode = rng.choice(["tree", "specpipe", "flowspec"])
-    want = reference(PROMPTS["code"], NEW_TOKENS)
-    got = complete(ring, PROMPTS["code"], mode=mode, draft="int8", max_new_tokens=NEW_TOKENS, **shape)
-    assert got == want, f"{mode} with {shape}"
+GREEDY = DecodingConfig(max_new_tokens=NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def six_stages(start_cluster):
-    cluster = start_cluster(6)
-    yield cluster
-    cluster.stop()
+def head(model_dir):
+    return load_head_model(model_dir, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def drafts() -> dict[tuple[str, int], DraftSource]:
+    return {}  # loaded on first use by the engine, then shared by every ring of this module
+
+
+@pytest.fixture(scope="module")
+def windows(model_dir):
+    loaded: dict[int, list] = {}
+
+    def for_stages(count: int) -> list:
+        if count not in loaded:
+            loaded[count] = stage_windows(model_dir, count)
+        return loaded[count]
+
+    return for_stages
+
+
+async def generate(head, windows, drafts, model_dir, tokenizer, stages: int, prompt: str, options: DecodingConfig):
+    async with in_process_ring(head, windows(stages)) as ring:
+        engine = ring.engine(model_dir, tokenizer, drafts=drafts)
+
+        async def ignore(_: list[int]) -> None:
+            pass
+
+        return (await engine.generate(tokenizer(prompt)["input_ids"], options, ignore)).tokens
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("prompt", sorted(PROMPTS))
+@pytest.mark.parametrize("mode,draft", CASES, ids=[f"{m}-{d}" for m, d in CASES])
+async def test_greedy_equals_target(head, windows, drafts, model_dir, tokenizer, reference, stages, mode, draft, prompt):
+    options = replace(GREEDY, mode=mode, draft=draft)
+    got = await generate(head, windows, drafts, model_dir, tokenizer, stages, PROMPTS[prompt], options)
+    assert got == reference(PROMPTS[prompt], NEW_TOKENS)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_tree_shapes_stay_lossless(head, windows, drafts, model_dir, tokenizer, reference, seed):
+    rng = random.Random(seed)
+    options = replace(GREEDY, mode=rng.choice(["tree", "specpipe", "flowspec"]), tree_depth=rng.randint(1, 6),
+                      tree_top_k=rng.randint(1, 6), tree_width=rng.randint(1, 4),
+                      tree_total_tokens=rng.randint(1, 48), segment_size=rng.randint(1, 20))
+    got = await generate(head, windows, drafts, model_dir, tokenizer, 1 + seed % 4, PROMPTS["code"], options)
+    assert got == reference(PROMPTS["code"], NEW_TOKENS), options
 
 
 @pytest.mark.parametrize(
     "mode,draft,segment_size",
     [("flowspec", "int8", 1), ("flowspec", "int8", 2), ("flowspec", "ngram", 3), ("specpipe", "int8", 16)],
 )
-def test_six_stages_with_prunes_racing_tiny_segments(six_stages, reference, mode, draft, segment_size):
+async def test_six_stages_with_prunes_racing_tiny_segments(head, windows, drafts, model_dir, tokenizer, reference,
+                                                           mode, draft, segment_size):
     """Many stages and tiny segments: prunes overtake queued segments on every stage."""
+    options = replace(GREEDY, mode=mode, draft=draft, segment_size=segment_size)
     for prompt in sorted(PROMPTS):
-        got = complete(six_stages, PROMPTS[prompt], mode=mode, draft=draft, segment_size=segment_size,
-                       max_new_tokens=NEW_TOKENS)
+        got = await generate(head, windows, drafts, model_dir, tokenizer, 6, PROMPTS[prompt], options)
         assert got == reference(PROMPTS[prompt], NEW_TOKENS), prompt
 
 
-def test_bf16_draft_is_lossless(ring, reference):
+async def test_bf16_draft_is_lossless(head, windows, drafts, model_dir, tokenizer, reference):
     """The bf16 copy of the target drafts better than int8, but the output is still the target's."""
-    got = complete(ring, PROMPTS["story"], mode="flowspec", draft="bf16", max_new_tokens=NEW_TOKENS)
+    options = replace(GREEDY, mode="flowspec", draft="bf16")
+    got = await generate(head, windows, drafts, model_dir, tokenizer, 2, PROMPTS["story"], options)
     assert got == reference(PROMPTS["story"], NEW_TOKENS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_real_processes_and_sockets(ring2, reference, mode):
+    completion = asyncio.run(Client(client_address(ring2)).complete(PROMPTS["code"], mode=mode, max_new_tokens=NEW_TOKENS))
+    assert completion.ids == reference(PROMPTS["code"], NEW_TOKENS)

@@ -1,0 +1,138 @@
+"""The head's engine: runs one request on the ring with the right strategy and draft, and recovers
+from a failed stage or a lost message by re-prefilling prompt + committed tokens on a fresh request.
+
+The engine knows nothing about clients or sockets: it talks to the ring through `send` and the
+queue of returned messages, so the same code runs behind the head's endpoint and in-process tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .draft import DraftSource, TreeShape, make_draft_source
+from .model_slices import HeadModel
+from .protocol import Message
+from .sampling import SamplingParams
+from .scheduler import (
+    GenerationError, GenerationRequest, GenerationStats, HeadWorkers, OnTokens, Scheduler, Send, StageFailure,
+)
+from .strategies import make_strategy
+from .topology import DecodingConfig, ServiceConfig
+from .trace import Tracer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attempt:
+    restarts: int  # the watchdog's restart count when the attempt began
+    interrupted: bool = False
+
+
+@dataclass(frozen=True)
+class RingHealth:
+    """What the head's watchdog knows: a sentence naming a dead or hung stage (or None), and how
+    many times any stage came back as a new process."""
+
+    problem: Callable[[], str | None]
+    restarts: Callable[[], int]
+
+    @staticmethod
+    def assumed_fine() -> RingHealth:  # in-process rings have no heartbeats
+        return RingHealth(lambda: None, lambda: 0)
+
+
+class HeadEngine:
+    def __init__(
+        self,
+        model_dir: Path,
+        head: HeadModel,
+        eos_ids: frozenset[int],
+        send: Send,
+        returns: asyncio.Queue[Message],
+        num_stages: int,
+        max_context: int,
+        prefill_chunk: int,
+        service: ServiceConfig,
+        drafts: dict[tuple[str, int], DraftSource],
+        tracer: Tracer,
+        health: RingHealth,
+        first_request_id: int = 1,
+        workers: HeadWorkers | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.head = head
+        self.eos_ids = eos_ids
+        self.send = send
+        self.returns = returns
+        self.num_stages = num_stages
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.service = service
+        self.drafts = drafts  # loaded draft sources by (kind, draft vocabulary); others load on first use
+        self.tracer = tracer
+        self.health = health
+        self.workers = workers or HeadWorkers.start()
+        self.request_ids = itertools.count(first_request_id)
+        self.running: Attempt | None = None  # the attempt in progress, for the watchdog to interrupt
+
+    def draft_source(self, kind: str, vocab: int) -> DraftSource:
+        if (kind, vocab) not in self.drafts:
+            log.info("loading the %s draft (draft vocabulary %s)", kind, vocab or "full")
+            self.drafts[kind, vocab] = make_draft_source(kind, self.model_dir, self.head, vocab)
+        return self.drafts[kind, vocab]
+
+    async def generate(self, ids: list[int], options: DecodingConfig, on_tokens: OnTokens) -> GenerationStats:
+        strategy = make_strategy(options.mode, self.num_stages, options.segment_size, options.tree_top_k)
+        draft = None
+        if strategy.uses_draft:
+            draft = await asyncio.get_running_loop().run_in_executor(
+                self.workers.draft, self.draft_source, options.draft, options.draft_vocab)
+        scheduler = Scheduler(
+            self.head, draft, strategy,
+            TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens, options.tree_width),
+            self.send, self.returns.get, self.max_context, self.prefill_chunk, self.workers, self.tracer,
+            self.service.progress_timeout_s,
+        )
+        sampling = SamplingParams(options.temperature, options.top_k, options.top_p, options.seed)
+        stats = GenerationStats()
+        recoveries = 0
+        while True:
+            # A retry re-prefills prompt + everything committed so far: the stages' caches are rebuilt
+            # from the head's tokens, and (greedy, or sampling seeded per position) the rest of the
+            # output is what an uninterrupted run would have produced.
+            request = GenerationRequest(
+                tuple(ids + stats.tokens), options.max_new_tokens - len(stats.tokens), sampling, self.eos_ids
+            )
+            while not self.returns.empty():  # leftovers of an earlier attempt
+                self.returns.get_nowait()
+            self.running = Attempt(self.health.restarts())
+            try:
+                await scheduler.generate(next(self.request_ids), request, on_tokens, stats)
+            except StageFailure as failure:
+                if recoveries >= self.service.max_recoveries:
+                    raise GenerationError(f"{failure}; gave up after {recoveries} recoveries", stats.tokens) from None
+                recoveries += 1
+                log.warning("%s; re-prefilling %d tokens", failure, len(ids) + len(stats.tokens))
+                self.running = None
+                await self._healthy_ring(failure, stats.tokens)
+                continue
+            finally:
+                self.running = None
+            stats.recoveries = recoveries
+            return stats
+
+    async def _healthy_ring(self, failure: StageFailure, produced: list[int]) -> None:
+        """Wait until every stage sends heartbeats again (restarted by `flowspec launch` or by hand)."""
+        deadline = time.monotonic() + self.service.recovery_timeout_s
+        while (problem := self.health.problem()) is not None:
+            if time.monotonic() > deadline:
+                raise GenerationError(
+                    f"{failure}; not recovered after {self.service.recovery_timeout_s:.0f} s: {problem}", produced)
+            await asyncio.sleep(0.25)
