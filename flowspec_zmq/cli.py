@@ -36,6 +36,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-depth", type=int)
     parser.add_argument("--tree-top-k", type=int)
     parser.add_argument("--tree-total-tokens", type=int)
+    parser.add_argument("--tree-width", type=int)
+    parser.add_argument("--draft-vocab", type=int, help="draft vocabulary size (0: the whole vocabulary)")
     parser.add_argument("--stats", action="store_true", help="print the generation's statistics afterwards")
 
 

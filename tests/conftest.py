@@ -6,14 +6,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from flowspec_zmq.launch import LocalCluster
+from flowspec_zmq.model_slices import load_head_model
 from flowspec_zmq.models import resolve_model_dir
 from flowspec_zmq.reference import reference_greedy
 from flowspec_zmq.topology import local_topology_toml
 
 TEST_MODEL = "smollm2-135m"
+# In-process rings run every node's compute on its own thread, like real nodes that each get one
+# torch thread on a shared machine; more threads per node only fight over the two cores.
+torch.set_num_threads(1)
 PROMPTS = {
     # The draft agrees often here (boilerplate code) ...
     "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -44,6 +49,33 @@ def reference(model_dir: Path, tokenizer) -> Callable[[str, int], list[int]]:
         return memo[prompt, max_new_tokens]
 
     return greedy
+
+
+@pytest.fixture(scope="module")
+def head(model_dir):
+    """The head's embedding, norm and lm_head, for in-process rings (tests/inprocess.py)."""
+    return load_head_model(model_dir, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def drafts() -> dict:
+    return {}  # draft sources by (kind, vocabulary), loaded on first use and shared by a module's rings
+
+
+@pytest.fixture(scope="module")
+def three_stages(model_dir) -> list:
+    from .inprocess import stage_windows
+
+    return stage_windows(model_dir, 3)
+
+
+@pytest.fixture
+async def served(head, three_stages, drafts, model_dir, tokenizer):
+    """A head serving real clients on a three-stage in-process ring; yields (HeadNode, address)."""
+    from .inprocess import in_process_head, in_process_ring
+
+    async with in_process_ring(head, three_stages) as ring, in_process_head(ring, model_dir, tokenizer, drafts) as both:
+        yield both
 
 
 @pytest.fixture(scope="session")

@@ -131,3 +131,6 @@ async def in_process_head(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         context.destroy(linger=0)
+        # The next head may share these draft sources: leftover draft work must finish first.
+        head.engine.workers.draft.shutdown(wait=True)
+        head.engine.workers.verify.shutdown(wait=True)

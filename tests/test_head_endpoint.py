@@ -1,37 +1,32 @@
 """The head's endpoint in one process: real clients over real ZeroMQ sockets talk to a HeadNode whose
 ring is made of real stage logic and real SmolLM2 weights (tests/inprocess.py). Serving order,
-cancellation, stopping, sampling, bad requests, a full queue, failures that must end one request
+cancellation, stopping, bad requests, a full queue, failures that must end one request
 and leave the head serving, clients that notice a silent head, and recovery from a lost message."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import subprocess
 import sys
-from collections import Counter
 from dataclasses import replace
 
 import pytest
-import torch
 import zmq
 from transformers import AutoTokenizer
 
 from flowspec_zmq.client import Client, GenerationFailed
 from flowspec_zmq.client_protocol import ClientRequestError, Generate, Info, pack
 from flowspec_zmq.head_node import prompt_ids
-from flowspec_zmq.model_slices import load_full_model, load_head_model
 from flowspec_zmq.protocol import Segment
 from flowspec_zmq.reference import reference_greedy
 from flowspec_zmq.scheduler import GenerationError
-from flowspec_zmq.sampling import SamplingParams, filtered_probs
 from flowspec_zmq.strategies import MODES
 from flowspec_zmq.topology import DecodingConfig, ServiceConfig, free_ports
 
 from .conftest import PROMPTS
-from .inprocess import in_process_head, in_process_ring, stage_windows
+from .inprocess import in_process_head, in_process_ring
 
 VANISHING_CLIENT = """
 import asyncio, os, signal, sys
@@ -43,28 +38,6 @@ async def main():
             os.kill(os.getpid(), signal.SIGKILL)  # vanish without a word to the head
 asyncio.run(main())
 """
-
-
-@pytest.fixture(scope="module")
-def head(model_dir):
-    return load_head_model(model_dir, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def windows(model_dir):
-    return stage_windows(model_dir, 3)
-
-
-@pytest.fixture(scope="module")
-def drafts() -> dict:
-    return {}
-
-
-@pytest.fixture
-async def served(head, windows, drafts, model_dir, tokenizer):
-    """A head serving on a three-stage in-process ring; yields (HeadNode, client address)."""
-    async with in_process_ring(head, windows) as ring, in_process_head(ring, model_dir, tokenizer, drafts) as both:
-        yield both
 
 
 async def test_concurrent_clients_are_all_served_in_arrival_order(served, reference):
@@ -110,13 +83,21 @@ async def test_vanished_client_frees_its_request(served, reference, caplog):
     assert stopped and int(stopped[-1]) < 400
 
 
+STOPPING = [{"role": "user", "content": "Reply with the single word: yes"}]
+
+
+@pytest.fixture(scope="module")
+def stopping_reference(model_dir, tokenizer) -> list[int]:
+    ids = prompt_ids(tokenizer, Generate(0, messages=STOPPING))  # the head's own chat-template path
+    want = reference_greedy(model_dir, ids, 40, eos_ids=[tokenizer.eos_token_id])
+    assert want[-1] == tokenizer.eos_token_id and len(want) < 40, "the prompt should make the model stop by itself"
+    return want
+
+
 @pytest.mark.parametrize("mode", MODES)
-async def test_eos_inside_a_segment_stops_exactly_there(served, model_dir, tokenizer, mode):
-    messages = [{"role": "user", "content": "Reply with the single word: yes"}]
-    ids = prompt_ids(tokenizer, Generate(0, messages=messages))  # the head's own chat-template path
-    eos = tokenizer.eos_token_id
-    want = reference_greedy(model_dir, ids, 40, eos_ids=[eos])
-    assert want[-1] == eos and len(want) < 40, "the prompt should make the model stop by itself"
+async def test_eos_inside_a_segment_stops_exactly_there(served, stopping_reference, mode):
+    messages = STOPPING
+    want = stopping_reference
     got = await Client(served[1]).complete(messages=messages, mode=mode, max_new_tokens=40, segment_size=16)
     assert got.ids == want
     assert got.stats["stop_reason"] == "eos"
@@ -128,64 +109,6 @@ async def test_max_new_tokens_inside_a_segment(served, reference, mode):
                                            tree_total_tokens=40)
     assert got.ids == reference(PROMPTS["code"], 20)[:7]
     assert got.stats["stop_reason"] == "length"
-
-
-async def test_sampling_is_reproducible_and_identical_across_modes(served):
-    client = Client(served[1])
-    options = dict(temperature=0.9, top_k=20, top_p=0.95, max_new_tokens=16)
-    runs = {mode: (await client.complete(PROMPTS["story"], mode=mode, seed=7, **options)).ids for mode in MODES}
-    again = (await client.complete(PROMPTS["story"], mode="flowspec", seed=7, **options)).ids
-    other_seed = (await client.complete(PROMPTS["story"], mode="flowspec", seed=8, **options)).ids
-    assert again == runs["flowspec"]
-    assert all(ids == runs["ar"] for ids in runs.values()), runs
-    assert other_seed != runs["flowspec"]
-
-
-def chi_square_critical_001(dof: int) -> float:
-    """Upper 0.1% point of chi-square (Wilson-Hilferty approximation; within 1% for dof >= 3)."""
-    z = 3.090232
-    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
-
-
-@pytest.mark.parametrize("mode", ["tree", "flowspec"])
-async def test_sampled_pairs_follow_the_target_distribution(served, model_dir, tokenizer, mode):
-    """Two-token continuations drawn through the ring match p(t1) p(t2 | t1) of the target."""
-    params = SamplingParams(temperature=1.0, top_k=3)
-    prompt = "My favourite colour is"
-    ids = tokenizer(prompt)["input_ids"]
-    model = load_full_model(model_dir, torch.float32)
-    with torch.inference_mode():
-        first = filtered_probs(model(torch.tensor([ids])).logits[0, -1:], params)[0]
-        expected: dict[tuple[int, int], float] = {}
-        for t1 in torch.nonzero(first).flatten().tolist():
-            second = filtered_probs(model(torch.tensor([ids + [t1]])).logits[0, -1:], params)[0]
-            for t2 in torch.nonzero(second).flatten().tolist():
-                expected[t1, t2] = float(first[t1] * second[t2])
-    draws = 150
-    client = Client(served[1])
-    counts = Counter()
-    for seed in range(draws):
-        completion = await client.complete(prompt, mode=mode, max_new_tokens=2, temperature=1.0, top_k=3, seed=seed,
-                                           tree_top_k=2, tree_depth=2, segment_size=2)
-        counts[tuple(completion.ids)] += 1
-    assert set(counts) <= set(expected), f"drew pairs the target cannot produce: {set(counts) - set(expected)}"
-    # Pool rare cells so every expected count is at least 5, as the test requires.
-    pooled_expected, pooled_observed, rest_e, rest_o = [], [], 0.0, 0
-    for cell in sorted(expected, key=expected.get, reverse=True):
-        e = expected[cell] * draws
-        if e >= 5:
-            pooled_expected.append(e)
-            pooled_observed.append(counts[cell])
-        else:
-            rest_e += e
-            rest_o += counts[cell]
-    if rest_e > 0:
-        pooled_expected.append(rest_e)
-        pooled_observed.append(rest_o)
-    statistic = sum((o - e) ** 2 / e for o, e in zip(pooled_observed, pooled_expected))
-    dof = len(pooled_expected) - 1
-    assert dof >= 2
-    assert statistic < chi_square_critical_001(dof), (statistic, pooled_observed, pooled_expected)
 
 
 @pytest.mark.parametrize(
@@ -239,8 +162,8 @@ def test_a_chat_template_that_raises_is_a_clear_request_error(model_dir):
     assert prompt_ids(tokenizer, Generate(4, messages=messages[:1]))  # alternating roles pass
 
 
-async def test_a_full_queue_refuses_at_once(head, windows, drafts, model_dir, tokenizer, reference):
-    async with in_process_ring(head, windows) as ring, \
+async def test_a_full_queue_refuses_at_once(head, three_stages, drafts, model_dir, tokenizer, reference):
+    async with in_process_ring(head, three_stages) as ring, \
             in_process_head(ring, model_dir, tokenizer, drafts, ServiceConfig(max_queued_requests=1)) as (_, address):
         running = Client(address).stream(PROMPTS["story"], max_new_tokens=60, mode="ar")
         await anext(running)  # the first request runs now
@@ -252,8 +175,8 @@ async def test_a_full_queue_refuses_at_once(head, windows, drafts, model_dir, to
         assert (await queued).ids == reference(PROMPTS["code"], 20)[:4]
 
 
-async def test_wrong_width_from_the_ring_fails_that_request_only(head, windows, drafts, model_dir, tokenizer, reference):
-    async with in_process_ring(head, windows) as ring, in_process_head(ring, model_dir, tokenizer, drafts) as (_, address):
+async def test_wrong_width_from_the_ring_fails_that_request_only(head, three_stages, drafts, model_dir, tokenizer, reference):
+    async with in_process_ring(head, three_stages) as ring, in_process_head(ring, model_dir, tokenizer, drafts) as (_, address):
         last_stage = ring.stages[-1].link
 
         async def narrow_next_segment(message) -> None:  # a broken stage: one segment comes back 7 wide
@@ -270,9 +193,9 @@ async def test_wrong_width_from_the_ring_fails_that_request_only(head, windows, 
 
 
 async def test_a_client_that_stops_reading_is_let_go_and_others_are_served(
-        head, windows, drafts, model_dir, tokenizer, reference, caplog):
+        head, three_stages, drafts, model_dir, tokenizer, reference, caplog):
     """Its full send queue gives the head a ZMQ error other than host-unreachable (EAGAIN)."""
-    async with in_process_ring(head, windows) as ring, \
+    async with in_process_ring(head, three_stages) as ring, \
             in_process_head(ring, model_dir, tokenizer, drafts) as (node, address):
         node.clients.setsockopt(zmq.SNDHWM, 1)  # a listener copies the options when it binds:
         node.clients.setsockopt(zmq.SNDBUF, 1024)
@@ -298,13 +221,13 @@ async def test_a_client_that_stops_reading_is_let_go_and_others_are_served(
 async def test_nothing_listening_fails_within_seconds():
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     started = asyncio.get_running_loop().time()
-    with pytest.raises(GenerationFailed, match="nothing answers at .* flowspec launch"):
+    with pytest.raises(GenerationFailed, match="nothing answers at .*flowspec launch"):
         await Client(address, answer_timeout_s=1.0).complete("hi")
     assert asyncio.get_running_loop().time() - started < 10
 
 
-async def test_a_head_that_dies_mid_stream_is_noticed_and_tokens_are_kept(head, windows, drafts, model_dir, tokenizer):
-    async with in_process_ring(head, windows) as ring:
+async def test_a_head_that_dies_mid_stream_is_noticed_and_tokens_are_kept(head, three_stages, drafts, model_dir, tokenizer):
+    async with in_process_ring(head, three_stages) as ring:
         async with in_process_head(ring, model_dir, tokenizer, drafts) as (node, address):
             events = Client(address, answer_timeout_s=2.0).events(PROMPTS["story"], max_new_tokens=400, mode="ar")
             await anext(events)
@@ -317,8 +240,8 @@ async def test_a_head_that_dies_mid_stream_is_noticed_and_tokens_are_kept(head, 
 
 
 async def test_a_lost_message_is_recovered_and_the_statistics_cover_every_attempt(
-        head, windows, drafts, model_dir, tokenizer, reference):
-    async with in_process_ring(head, windows) as ring:
+        head, three_stages, drafts, model_dir, tokenizer, reference):
+    async with in_process_ring(head, three_stages) as ring:
         sent = {"segments": 0}
         send = ring.send
 
@@ -330,24 +253,24 @@ async def test_a_lost_message_is_recovered_and_the_statistics_cover_every_attemp
             await send(message)
 
         ring.send = lose_the_fifth_segment
-        engine = ring.engine(model_dir, tokenizer, ServiceConfig(progress_timeout_s=1.0), drafts)
+        engine = ring.engine(model_dir, tokenizer, ServiceConfig(progress_timeout_s=2.0), drafts)
         seen: list[int] = []
 
         async def collect(ids: list[int]) -> None:
             seen.extend(ids)
 
-        options = DecodingConfig(mode="flowspec", draft="int8", max_new_tokens=20)
+        options = DecodingConfig(mode="ar", max_new_tokens=20)  # every segment matters: the loss stalls
         stats = await engine.generate(tokenizer(PROMPTS["code"])["input_ids"], options, collect)
     assert stats.recoveries == 1
     assert stats.tokens == seen == reference(PROMPTS["code"], 20)
     assert len(stats.token_times) == len(stats.tokens) and stats.token_times == sorted(stats.token_times)
-    assert stats.decode_s >= 1.0  # the deadline it waited out is part of the decode time
+    assert stats.decode_s >= 2.0  # the deadline it waited out is part of the decode time
     assert stats.prefill_s > 0 and stats.verifications >= 1
 
 
 async def test_a_lost_message_with_no_recoveries_left_fails_with_the_tokens(
-        head, windows, drafts, model_dir, tokenizer, reference):
-    async with in_process_ring(head, windows) as ring:
+        head, three_stages, drafts, model_dir, tokenizer, reference):
+    async with in_process_ring(head, three_stages) as ring:
         send = ring.send
 
         async def lose_every_decode_segment(message) -> None:

@@ -1,6 +1,6 @@
 """The head's scheduler, draft worker and verify worker in one process with real stage logic and
-real SmolLM2 weights (tests/inprocess.py): losslessness of every mode, that speculation really
-happens, that drafts made stale by a prune are dropped, and that the draft's re-rooted KV cache
+real SmolLM2 weights (tests/inprocess.py; every mode's losslessness is in test_lossless.py): that
+speculation really happens, that drafts made stale by a prune are dropped, and that the draft's re-rooted KV cache
 proposes what a fresh draft would."""
 
 from __future__ import annotations
@@ -13,25 +13,14 @@ import torch
 
 from flowspec_zmq.draft import DraftLM, DraftSource, Frontier, NgramDraft, Proposals, TreeShape
 from flowspec_zmq.emulation import DeviceProfile
-from flowspec_zmq.model_slices import load_head_model, load_layer_window
-from flowspec_zmq.strategies import MODES
+from flowspec_zmq.model_slices import load_layer_window
 from flowspec_zmq.tree import ROOT_PARENT
 
 from .conftest import PROMPTS
-from .inprocess import InProcessRing, in_process_ring, stage_windows
+from .inprocess import InProcessRing, in_process_ring
 
 NEW_TOKENS = 24
 PACED = DeviceProfile(fixed_ms=8.0, per_token_ms=0.2)  # segments overlap in the pipeline
-
-
-@pytest.fixture(scope="module")
-def head(model_dir):
-    return load_head_model(model_dir, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def windows(model_dir):
-    return stage_windows(model_dir, 3)
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +32,15 @@ def prompt_ids(tokenizer, name: str) -> list[int]:
     return tokenizer(PROMPTS[name])["input_ids"]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("prompt", sorted(PROMPTS))
-async def test_every_mode_is_the_targets_greedy_output(head, windows, int8_draft, tokenizer, reference, mode, prompt):
-    async with in_process_ring(head, windows, PACED) as ring:
-        stats = await ring.generate(prompt_ids(tokenizer, prompt), None if mode == "ar" else int8_draft, mode, NEW_TOKENS)
-    assert stats.tokens == reference(PROMPTS[prompt], NEW_TOKENS)
-
-
 REPEATING = "red, green, blue, red, green, blue, red, green, blue,"  # every draft predicts this well
 
 
 @pytest.mark.parametrize("mode, draft, at_least", [("tree", "int8", 3.0), ("flowspec", "ngram", 2.0)])
-async def test_speculation_really_happens(head, windows, int8_draft, tokenizer, reference, mode, draft, at_least):
+async def test_speculation_really_happens(head, three_stages, int8_draft, tokenizer, reference, mode, draft, at_least):
     """A silent fall-back to one token per verification would still be lossless; it must not pass."""
     ids = tokenizer(REPEATING)["input_ids"]
     shape = TreeShape(depth=6, top_k=2, total_tokens=24, width=2)  # deep and narrow: the draft is right
-    async with in_process_ring(head, windows, PACED) as ring:
+    async with in_process_ring(head, three_stages, PACED) as ring:
         stats = await ring.generate(ids, int8_draft if draft == "int8" else NgramDraft(), mode, NEW_TOKENS,
                                     shape, segment_size=12)
     assert stats.tokens == reference(REPEATING, NEW_TOKENS)
@@ -92,9 +73,9 @@ class WaitsForPrune:
 
 
 @pytest.mark.parametrize("make_draft", ["int8", "ngram"])
-async def test_drafts_made_stale_by_a_prune_are_dropped(head, windows, int8_draft, tokenizer, reference, make_draft):
+async def test_drafts_made_stale_by_a_prune_are_dropped(head, three_stages, int8_draft, tokenizer, reference, make_draft):
     draft = int8_draft if make_draft == "int8" else NgramDraft()
-    async with in_process_ring(head, windows, PACED) as ring:
+    async with in_process_ring(head, three_stages, PACED) as ring:
         stats = await ring.generate(prompt_ids(tokenizer, "code"), WaitsForPrune(draft, ring), "flowspec", NEW_TOKENS)
     assert stats.stale_proposals > 0
     assert stats.tokens == reference(PROMPTS["code"], NEW_TOKENS)

@@ -1,7 +1,8 @@
 """Every mode's greedy output equals the target's own greedy output, token for token, on real
-weights: the whole matrix of modes, drafts, stage counts and tree shapes through the head's engine
-and real stage logic in one process (tests/inprocess.py), then every mode once more through real
-node processes and real ZeroMQ sockets."""
+weights: modes, drafts, prompts, stage counts and tree shapes through the head's engine and real
+stage logic in one process (tests/inprocess.py; three-stage rings are paced so that segments
+overlap and prunes race them), then every mode once more through real node processes and real
+ZeroMQ sockets."""
 
 from __future__ import annotations
 
@@ -10,31 +11,22 @@ import random
 from dataclasses import replace
 
 import pytest
-import torch
 
 from flowspec_zmq.client import Client
-from flowspec_zmq.draft import DraftSource
-from flowspec_zmq.model_slices import load_head_model
 from flowspec_zmq.strategies import MODES
 from flowspec_zmq.topology import DecodingConfig
 
 from .conftest import PROMPTS, client_address
 from .inprocess import in_process_ring, stage_windows
+from .test_head_scheduler import PACED
 
 NEW_TOKENS = 20
 CASES = [("ar", "int8"), ("tree", "int8"), ("tree", "ngram"), ("specpipe", "int8"), ("specpipe", "ngram"),
          ("flowspec", "int8"), ("flowspec", "ngram")]
 GREEDY = DecodingConfig(max_new_tokens=NEW_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def head(model_dir):
-    return load_head_model(model_dir, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def drafts() -> dict[tuple[str, int], DraftSource]:
-    return {}  # loaded on first use by the engine, then shared by every ring of this module
+# Every mode and draft on every stage count from 1 to 4, every prompt on two of them.
+MATRIX = [(mode, draft, prompt, 1 + (i + j + shift) % 4)
+          for i, (mode, draft) in enumerate(CASES) for j, prompt in enumerate(sorted(PROMPTS)) for shift in (0, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,7 @@ def windows(model_dir):
 
 
 async def generate(head, windows, drafts, model_dir, tokenizer, stages: int, prompt: str, options: DecodingConfig):
-    async with in_process_ring(head, windows(stages)) as ring:
+    async with in_process_ring(head, windows(stages), PACED if stages == 3 else None) as ring:
         engine = ring.engine(model_dir, tokenizer, drafts=drafts)
 
         async def ignore(_: list[int]) -> None:
@@ -59,9 +51,7 @@ async def generate(head, windows, drafts, model_dir, tokenizer, stages: int, pro
         return (await engine.generate(tokenizer(prompt)["input_ids"], options, ignore)).tokens
 
 
-@pytest.mark.parametrize("stages", [1, 2, 3, 4])
-@pytest.mark.parametrize("prompt", sorted(PROMPTS))
-@pytest.mark.parametrize("mode,draft", CASES, ids=[f"{m}-{d}" for m, d in CASES])
+@pytest.mark.parametrize("mode,draft,prompt,stages", MATRIX, ids=[f"{m}-{d}-{p}-{n}stages" for m, d, p, n in MATRIX])
 async def test_greedy_equals_target(head, windows, drafts, model_dir, tokenizer, reference, stages, mode, draft, prompt):
     options = replace(GREEDY, mode=mode, draft=draft)
     got = await generate(head, windows, drafts, model_dir, tokenizer, stages, PROMPTS[prompt], options)
