@@ -38,6 +38,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-total-tokens", type=int)
     parser.add_argument("--tree-width", type=int)
     parser.add_argument("--draft-vocab", type=int, help="draft vocabulary size (0: the whole vocabulary)")
+    parser.add_argument("--stop", action="append", help="end the output before this string (repeatable)")
     parser.add_argument("--stats", action="store_true", help="print the generation's statistics afterwards")
 
 
@@ -78,7 +79,7 @@ async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **p
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    asyncio.run(_stream(_client(args), _options(args), args.stats, prompt=args.prompt))
+    asyncio.run(_stream(_client(args), _options(args), args.stats, prompt=args.prompt, stop=args.stop))
     return 0
 
 
@@ -96,7 +97,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         try:
-            reply = asyncio.run(_stream(client, _options(args), args.stats, messages=messages))
+            reply = asyncio.run(_stream(client, _options(args), args.stats, messages=messages, stop=args.stop))
         except GenerationFailed as exc:  # this turn failed; the conversation goes on
             print(f"error: {exc}", file=sys.stderr)
             messages.pop()

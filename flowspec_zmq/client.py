@@ -93,14 +93,17 @@ class Client:
         *,
         messages: list[dict[str, str]] | None = None,
         prompt_ids: list[int] | None = None,
+        stop: list[str] | None = None,
         **options: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Raw events: {"event": "tokens", "id", "ids", "text"} ... then {"event": "done", "id", "stats"}."""
+        """Raw events: {"event": "tokens", "id", "ids", "text"} ... then {"event": "done", "id", "stats"}.
+        `stop` strings end the output before the first of them (stop_reason "stop"); without a `seed`
+        option a sampled request gets a random one, reported in the statistics."""
         request_id = next(self._ids)
         socket = self._socket()
         finished, heard, ids = False, False, []
         try:
-            await self._send(socket, Generate(request_id, prompt, messages, prompt_ids, options))
+            await self._send(socket, Generate(request_id, prompt, messages, prompt_ids, options, stop))
             while True:
                 reply = await self._receive(socket, heard, ids)
                 if reply.id not in (request_id, -1):

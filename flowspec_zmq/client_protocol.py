@@ -18,6 +18,7 @@ from .protocol import MAX_TEXT, SCHEMA_VERSION
 
 MAX_CLIENT_MESSAGE_BYTES = 4 << 20
 MAX_IDS = 1 << 20
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 ALIVE_S = 1.0  # the head's longest silence towards a client whose request it holds
 
 
@@ -37,6 +38,7 @@ class Generate:
     messages: list[dict[str, str]] | None = None
     prompt_ids: list[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    stop: list[str] | None = None  # the output ends before the first of these strings
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ def _check(name: str, value: Any, request_id: int) -> None:
             if value is not None and (not isinstance(value, list) or len(value) > MAX_IDS
                                       or not all(type(i) is int and i >= 0 for i in value)):
                 fail("must be a list of token ids")
+        case "stop":
+            if value is not None and not (isinstance(value, list) and len(value) <= MAX_STOPS and all(
+                    isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value)):
+                fail(f"must be a list of at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         case "messages":
             if value is not None and not (isinstance(value, list) and all(
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,10 @@ class HeadEngine:
             self.send, self.returns.get, self.max_context, self.prefill_chunk, self.workers, self.tracer,
             self.service.progress_timeout_s,
         )
-        sampling = SamplingParams(options.temperature, options.top_k, options.top_p, options.seed)
-        stats = GenerationStats()
+        # Without a seed every request gets its own, reported with the statistics so it can be repeated.
+        seed = options.seed if options.seed is not None else secrets.randbelow(1 << 31)
+        sampling = SamplingParams(options.temperature, options.top_k, options.top_p, seed)
+        stats = GenerationStats(seed=seed)
         recoveries = 0
         while True:
             # A retry re-prefills prompt + everything committed so far: the stages' caches are rebuilt

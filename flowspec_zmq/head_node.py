@@ -33,6 +33,7 @@ from .models import eos_ids
 from .protocol import Message, StageError
 from .scheduler import ANY_REQUEST, GenerationError, GenerationStats
 from .security import Keys
+from .stops import StopScanner
 from .topology import DecodingConfig, ServiceConfig, TopologyError, override_decoding
 from .trace import tracer_from_env
 from .transport import RingLink, receive_frames
@@ -63,6 +64,19 @@ def prompt_ids(tokenizer, request: Generate) -> list[int]:
     if request.prompt is None:
         raise ClientRequestError("a generate request needs 'prompt', 'messages' or 'prompt_ids'", request.id)
     return tokenizer(request.prompt)["input_ids"]
+
+
+@dataclass
+class ServingMetrics:
+    """Counters since the head started."""
+
+    requests: int = 0  # finished, failed or cancelled
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    tokens: int = 0  # generated and streamed
+    decode_seconds: float = 0.0
+    verifications: int = 0
+    recoveries: int = 0
 
 
 @dataclass
@@ -125,6 +139,7 @@ class HeadNode:
         self.jobs: deque[ClientJob] = deque()  # admitted, waiting (at most service.max_queued_requests)
         self.job_ready = asyncio.Event()
         self.serving: ClientJob | None = None
+        self.metrics = ServingMetrics()
 
     async def run(self) -> None:
         await asyncio.gather(
@@ -210,8 +225,16 @@ class HeadNode:
                     self._cancel(job.identity, job.request.id, "its client went away")
 
     def info(self) -> dict[str, Any]:
+        """What the head serves, whether every stage is alive, and its counters (for /health, /metrics)."""
+        now = time.monotonic()
+        seen = {name: (now - at if (at := self.watchdog.last_seen.get(name)) is not None else None)
+                for name in self.watchdog.stages}
+        problem = self.watchdog.problem() or next(
+            (f"stage {name} has not sent a heartbeat yet" for name, age in seen.items() if age is None), None)
         return {"model": str(self.model_dir), "stages": self.num_stages, "max_context": self.max_context,
-                "defaults": asdict(self.defaults)}
+                "defaults": asdict(self.defaults),
+                "health": {"ok": problem is None, "problem": problem, "last_heartbeat_s": seen},
+                "metrics": {**asdict(self.metrics), "queued": len(self.jobs), "running": int(self.serving is not None)}}
 
     async def _serve(self) -> None:
         while True:
@@ -228,27 +251,38 @@ class HeadNode:
     async def _serve_one(self, job: ClientJob) -> None:
         """Run one request to its end; whatever fails ends this request only, with the tokens it has."""
         stream = TextStream(self.tokenizer)
+        stops = StopScanner(job.request.stop or ())
         request_id = job.request.id
 
-        async def on_tokens(ids: list[int]) -> None:
+        async def on_tokens(ids: list[int]) -> bool:
             if job.cancelled:
                 raise Cancelled(job.cancelled)
-            if not await self._reply(job.identity, Tokens(request_id, ids, stream.push(ids))):
+            if not await self._reply(job.identity, Tokens(request_id, ids, stops.feed(stream.push(ids)))):
                 raise Cancelled("its client went away")
+            return stops.stopped
 
+        self.metrics.requests += 1
         try:
             if problem := self.watchdog.problem():
                 raise GenerationError(problem)
             ids = prompt_ids(self.tokenizer, job.request)
             stats = await self.engine.generate(ids, job.options, on_tokens)
-            if tail := stream.flush():  # text held back for a character that never completed
+            self.metrics.tokens += len(stats.tokens)
+            self.metrics.decode_seconds += stats.decode_s
+            self.metrics.verifications += stats.verifications
+            self.metrics.recoveries += stats.recoveries
+            # Text held back for a character that never completed, or for a stop string that did not come.
+            if not stops.stopped and (tail := stops.feed(stream.flush()) + stops.flush()):
                 await self._reply(job.identity, Tokens(request_id, [], tail))
             await self._reply(job.identity, Done(request_id, stats_summary(stats)))
         except Cancelled as reason:
+            self.metrics.requests_cancelled += 1
             log.info("%s: request %d stopped after %d tokens: %s", self.name, request_id, len(stream.ids), reason)
         except (ClientRequestError, GenerationError) as exc:
+            self.metrics.requests_failed += 1
             await self._reply(job.identity, Failed(request_id, str(exc), stream.ids))
         except Exception as exc:  # a bug or a broken peer must not take the head down with it
+            self.metrics.requests_failed += 1
             log.exception("%s: request %d failed", self.name, request_id)
             await self._reply(job.identity, Failed(request_id, f"internal error: {type(exc).__name__}: {exc}", stream.ids))
 
@@ -277,5 +311,6 @@ def stats_summary(stats: GenerationStats) -> dict[str, Any]:
         "recoveries": stats.recoveries,
         "draft_steps": stats.draft_steps,
         "verify_batches": stats.verify_batches,
+        "seed": stats.seed,
     }
 

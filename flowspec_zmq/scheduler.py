@@ -71,6 +71,7 @@ class GenerationStats:
     draft_steps: int = 0  # draft forwards (one expands up to `width` frontier nodes)
     verify_batches: int = 0  # lm_head calls over returned rows
     stale_proposals: int = 0  # draft children dropped because a prune removed their parent first
+    seed: int = 0  # the sampling seed the request used
 
     @property
     def accepted_per_verification(self) -> float:
@@ -80,7 +81,7 @@ class GenerationStats:
 
 Send = Callable[[Message], Awaitable[None]]
 Receive = Callable[[], Awaitable[Message]]
-OnTokens = Callable[[list[int]], Awaitable[None]]
+OnTokens = Callable[[list[int]], Awaitable[bool | None]]  # True: stop here (a stop string was reached)
 
 
 VERIFY_ROWS = 8  # rows per lm_head call: about as fast as 1-4 rows on a CPU (memory bound), far cheaper than 32
@@ -236,7 +237,9 @@ class Scheduler:
         decode_start = stats.started + stats.prefill_s
         stats.tokens.append(first)
         stats.token_times.append(time.perf_counter() - decode_start)
-        await on_tokens([first])
+        if await on_tokens([first]):
+            stats.stop_reason = "stop"
+            return
         if first in request.eos_ids or request.max_new_tokens <= 1:
             stats.stop_reason = "eos" if first in request.eos_ids else "length"
             return
@@ -401,7 +404,9 @@ class Scheduler:
         stats.tokens.extend(new_tokens)
         now = time.perf_counter() - decode_start
         stats.token_times.extend([now] * len(new_tokens))
-        await on_tokens(new_tokens)
+        if await on_tokens(new_tokens):
+            stats.stop_reason = "stop"
+            return True
         if new_tokens[-1] in request.eos_ids or produced + len(new_tokens) >= request.max_new_tokens:
             stats.stop_reason = "eos" if new_tokens[-1] in request.eos_ids else "length"
             return True

@@ -42,7 +42,7 @@ class DecodingConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None  # sampling seed; None: the head draws one per request (returned in its statistics)
     draft: Draft = "int8"
     # Tree shape measured best on the edge testbed (README "Tuning"): a deep, narrow tree.
     tree_total_tokens: int = 32
@@ -227,7 +227,7 @@ def _decoding(path: str, table: Any, where: str = "decoding") -> DecodingConfig:
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        seed=r.get("seed", int, d.seed),
+        seed=r.get("seed", (int, type(None)), d.seed),  # None (from a merged default): a random seed
         draft=r.get("draft", str, d.draft, DRAFTS),
         tree_total_tokens=r.positive("tree_total_tokens", d.tree_total_tokens, limit=MAX_TREE),
         tree_depth=r.positive("tree_depth", d.tree_depth, limit=MAX_TREE),

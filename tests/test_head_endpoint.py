@@ -287,3 +287,30 @@ async def test_a_lost_message_with_no_recoveries_left_fails_with_the_tokens(
         with pytest.raises(GenerationError, match="nothing came back from the ring for 0.5 s; gave up after 1 recoveries") as failure:
             await engine.generate(tokenizer(PROMPTS["code"])["input_ids"], options, ignore)
     assert failure.value.tokens == reference(PROMPTS["code"], 20)[:2]  # one first token per attempt's prefill
+
+
+async def test_stop_strings_end_the_output_before_them(served, tokenizer, reference):
+    want = tokenizer.decode(reference(PROMPTS["code"], 20), skip_special_tokens=True)
+    stop = want[len(want) // 2 : len(want) // 2 + 3]  # three characters from the middle, maybe across tokens
+    got = await Client(served[1]).complete(PROMPTS["code"], max_new_tokens=20, stop=["never appears", stop])
+    assert got.text == want[: want.find(stop)]
+    assert got.stats["stop_reason"] == "stop" and len(got.ids) < 20
+
+
+async def test_a_request_without_a_seed_gets_its_own_and_reports_it(served):
+    client = Client(served[1])
+    options = dict(temperature=1.0, max_new_tokens=8, mode="ar")
+    first, second = [await client.complete(PROMPTS["story"], **options) for _ in range(2)]
+    assert first.stats["seed"] != second.stats["seed"]
+    again = await client.complete(PROMPTS["story"], seed=first.stats["seed"], **options)
+    assert again.ids == first.ids
+
+
+async def test_info_reports_health_and_counters(served, reference):
+    client = Client(served[1])
+    await client.complete(PROMPTS["code"], max_new_tokens=4)
+    info = await client.info()
+    # In process there are no heartbeats: the head cannot vouch for its stages.
+    assert info["health"] == {"ok": False, "problem": "stage stage1 has not sent a heartbeat yet",
+                              "last_heartbeat_s": {"stage1": None, "stage2": None, "stage3": None}}
+    assert info["metrics"]["requests"] == 1 and info["metrics"]["tokens"] == 4 and info["metrics"]["queued"] == 0
