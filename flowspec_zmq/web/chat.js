@@ -27,7 +27,7 @@ const STORED = { apiKey: "flowspec.apiKey", mode: "flowspec.mode", maxTokens: "f
 for (const [field, key] of Object.entries(STORED)) {
   const saved = localStorage.getItem(key);
   if (saved !== null) ui[field].value = saved;
-  ui[field].addEventListener("change", () => localStorage.setItem(key, ui[field].value));
+  ui[field].addEventListener("input", () => localStorage.setItem(key, ui[field].value));
 }
 
 function addMessage(role, text) {
