@@ -18,8 +18,8 @@ import zmq
 import zmq.asyncio
 
 from .client_protocol import (
-    Accepted, Alive, Cancel, ClientRequestError, Done, Failed, Generate, Info, InfoReply, Reply, Tokens, pack,
-    unpack_reply,
+    Accepted, Alive, Cancel, ClientRequestError, Done, Failed, FailureReason, Generate, Info, InfoReply, Reply, Tokens,
+    pack, unpack_reply,
 )
 from .security import Keys
 from .transport import receive_frames
@@ -28,11 +28,13 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5599"
 
 
 class GenerationFailed(RuntimeError):
-    """The head could not finish the request; `ids` are the tokens it had committed."""
+    """The head could not finish the request; `ids` are the tokens it had committed, `reason` says
+    whether the request, a full queue or an unavailable cluster was the cause."""
 
-    def __init__(self, message: str, ids: list[int]) -> None:
+    def __init__(self, message: str, ids: list[int], reason: FailureReason = "failed") -> None:
         super().__init__(message)
         self.ids = ids
+        self.reason = reason
 
 
 @dataclass
@@ -64,11 +66,11 @@ class Client:
         if heard:
             return GenerationFailed(
                 f"the head at {self.address} stopped answering for {self.answer_timeout_s:g} s (it died or "
-                f"restarted); {len(ids)} tokens were committed before", ids)
+                f"restarted); {len(ids)} tokens were committed before", ids, "unavailable")
         hint = "" if self.keys else "; if the cluster uses CurveZMQ keys ([security] keys), the client needs its key too"
         return GenerationFailed(
             f"nothing answers at {self.address} (waited {self.answer_timeout_s:g} s): start the cluster with "
-            f"`flowspec launch`, or check the address{hint}", ids)
+            f"`flowspec launch`, or check the address{hint}", ids, "unavailable")
 
     async def _receive(self, socket: zmq.asyncio.Socket, heard: bool, ids: list[int]) -> Reply:
         try:
@@ -112,7 +114,7 @@ class Client:
                 match reply:
                     case Failed():
                         finished = True
-                        raise GenerationFailed(reply.message, reply.ids or ids)
+                        raise GenerationFailed(reply.message, reply.ids or ids, reply.reason)
                     case Tokens():
                         ids = ids + reply.ids
                     case Accepted() | Alive():

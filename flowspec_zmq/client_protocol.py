@@ -10,7 +10,7 @@ knows the head is gone instead of waiting out a long timeout.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import msgpack
 
@@ -20,14 +20,19 @@ MAX_CLIENT_MESSAGE_BYTES = 4 << 20
 MAX_IDS = 1 << 20
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 ALIVE_S = 1.0  # the head's longest silence towards a client whose request it holds
+# Why a request failed, so that a client (the HTTP gateway) can answer with the right status:
+# the request as sent; a full queue (try later); a ring or head that cannot serve now; anything else.
+FailureReason = Literal["invalid", "busy", "unavailable", "failed"]
+FAILURE_REASONS: tuple[str, ...] = get_args(FailureReason)
 
 
 class ClientRequestError(ValueError):
     """A client message that cannot be served as sent; `request_id` when it could be read."""
 
-    def __init__(self, message: str, request_id: int = -1) -> None:
+    def __init__(self, message: str, request_id: int = -1, reason: FailureReason = "invalid") -> None:
         super().__init__(message)
         self.request_id = request_id
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,7 @@ class Failed:
     id: int  # -1: the head could not tell which request a bad message meant
     message: str
     ids: list[int]  # tokens committed before the failure
+    reason: FailureReason = "failed"
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,9 @@ def _check(name: str, value: Any, request_id: int) -> None:
         case "id":
             if type(value) is not int or not -1 <= value < 1 << 62:
                 fail("must be an integer id")
+        case "reason":
+            if value not in FAILURE_REASONS:
+                fail(f"must be one of {', '.join(FAILURE_REASONS)}")
         case "queued":
             if type(value) is not int or value < 0:
                 fail("must be a non-negative integer")

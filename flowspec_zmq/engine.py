@@ -21,7 +21,7 @@ from .model_slices import HeadModel
 from .protocol import Message
 from .sampling import SamplingParams
 from .scheduler import (
-    GenerationError, GenerationRequest, GenerationStats, HeadWorkers, OnTokens, Scheduler, Send, StageFailure,
+    GenerationRequest, GenerationStats, HeadWorkers, OnTokens, RingDown, Scheduler, Send, StageFailure,
 )
 from .strategies import make_strategy
 from .topology import DecodingConfig, ServiceConfig
@@ -120,7 +120,7 @@ class HeadEngine:
                 await scheduler.generate(next(self.request_ids), request, on_tokens, stats)
             except StageFailure as failure:
                 if recoveries >= self.service.max_recoveries:
-                    raise GenerationError(f"{failure}; gave up after {recoveries} recoveries", stats.tokens) from None
+                    raise RingDown(f"{failure}; gave up after {recoveries} recoveries", stats.tokens) from None
                 recoveries += 1
                 log.warning("%s; re-prefilling %d tokens", failure, len(ids) + len(stats.tokens))
                 self.running = None
@@ -136,6 +136,6 @@ class HeadEngine:
         deadline = time.monotonic() + self.service.recovery_timeout_s
         while (problem := self.health.problem()) is not None:
             if time.monotonic() > deadline:
-                raise GenerationError(
+                raise RingDown(
                     f"{failure}; not recovered after {self.service.recovery_timeout_s:.0f} s: {problem}", produced)
             await asyncio.sleep(0.25)

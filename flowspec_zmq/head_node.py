@@ -20,8 +20,8 @@ import zmq
 import zmq.asyncio
 
 from .client_protocol import (
-    ALIVE_S, MAX_CLIENT_MESSAGE_BYTES, Accepted, Alive, Cancel, ClientRequestError, Done, Failed, Generate, Info,
-    InfoReply, Reply, Tokens, pack, unpack_request,
+    ALIVE_S, MAX_CLIENT_MESSAGE_BYTES, Accepted, Alive, Cancel, ClientRequestError, Done, Failed, FailureReason,
+    Generate, Info, InfoReply, Reply, Tokens, pack, unpack_request,
 )
 from .detokenize import TextStream
 from .draft import DraftSource
@@ -31,7 +31,7 @@ from .memory import return_free_memory
 from .model_slices import HeadModel
 from .models import eos_ids
 from .protocol import Message, StageError
-from .scheduler import ANY_REQUEST, GenerationError, GenerationStats
+from .scheduler import ANY_REQUEST, GenerationError, GenerationStats, RequestRejected, RingDown
 from .security import Keys
 from .stops import StopScanner
 from .topology import DecodingConfig, ServiceConfig, TopologyError, override_decoding
@@ -196,7 +196,7 @@ class HeadNode:
                         await self._reply(identity, InfoReply(request_id, self.info()))
             except ClientRequestError as exc:
                 log.warning("%s: bad client message: %s", self.name, exc)
-                await self._reply(identity, Failed(exc.request_id, str(exc), []))
+                await self._reply(identity, Failed(exc.request_id, str(exc), [], exc.reason))
 
     async def _admit(self, identity: bytes, request: Generate) -> None:
         """Queue a request whose options are valid, or refuse it at once."""
@@ -204,7 +204,7 @@ class HeadNode:
         if len(self.jobs) >= self.service.max_queued_requests:
             raise ClientRequestError(
                 f"the head is busy: {len(self.jobs)} requests are waiting already (max_queued_requests); "
-                "try again later", request.id)
+                "try again later", request.id, reason="busy")
         self.jobs.append(ClientJob(identity, request, options))
         self.job_ready.set()
         await self._reply(identity, Accepted(request.id, len(self.jobs) - 1 + (self.serving is not None)))
@@ -264,7 +264,7 @@ class HeadNode:
         self.metrics.requests += 1
         try:
             if problem := self.watchdog.problem():
-                raise GenerationError(problem)
+                raise RingDown(problem)
             ids = prompt_ids(self.tokenizer, job.request)
             stats = await self.engine.generate(ids, job.options, on_tokens)
             self.metrics.tokens += len(stats.tokens)
@@ -274,13 +274,13 @@ class HeadNode:
             # Text held back for a character that never completed, or for a stop string that did not come.
             if not stops.stopped and (tail := stops.feed(stream.flush()) + stops.flush()):
                 await self._reply(job.identity, Tokens(request_id, [], tail))
-            await self._reply(job.identity, Done(request_id, stats_summary(stats)))
+            await self._reply(job.identity, Done(request_id, stats_summary(stats, len(ids))))
         except Cancelled as reason:
             self.metrics.requests_cancelled += 1
             log.info("%s: request %d stopped after %d tokens: %s", self.name, request_id, len(stream.ids), reason)
         except (ClientRequestError, GenerationError) as exc:
             self.metrics.requests_failed += 1
-            await self._reply(job.identity, Failed(request_id, str(exc), stream.ids))
+            await self._reply(job.identity, Failed(request_id, str(exc), stream.ids, failure_reason(exc)))
         except Exception as exc:  # a bug or a broken peer must not take the head down with it
             self.metrics.requests_failed += 1
             log.exception("%s: request %d failed", self.name, request_id)
@@ -293,9 +293,22 @@ class HeadNode:
             raise ClientRequestError(str(exc), request_id) from None
 
 
-def stats_summary(stats: GenerationStats) -> dict[str, Any]:
+def failure_reason(exc: ClientRequestError | GenerationError) -> FailureReason:
+    """How the client should take the failure (the HTTP gateway picks its status by it)."""
+    match exc:
+        case ClientRequestError():
+            return exc.reason
+        case RequestRejected():
+            return "invalid"
+        case RingDown():
+            return "unavailable"
+    return "failed"
+
+
+def stats_summary(stats: GenerationStats, prompt_tokens: int) -> dict[str, Any]:
     gaps = [b - a for a, b in zip(stats.token_times, stats.token_times[1:])]
     return {
+        "prompt_tokens": prompt_tokens,
         "tokens": len(stats.tokens),
         "prefill_s": stats.prefill_s,
         "decode_s": stats.decode_s,

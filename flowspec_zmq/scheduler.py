@@ -45,6 +45,14 @@ class StageFailure(GenerationError):
     """A stage failed, went silent or restarted mid-request: the ring can be re-prefilled."""
 
 
+class RingDown(GenerationError):
+    """The ring cannot serve now (a stage is dead, or did not recover): not the request's fault."""
+
+
+class RequestRejected(GenerationError):
+    """The request cannot run as sent (an empty prompt, or one too long for the context)."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: tuple[int, ...]
@@ -202,9 +210,9 @@ class Scheduler:
         """Decode `request`; `stats` of an earlier attempt of the same request add up."""
         prompt = list(request.prompt_ids)
         if not prompt:
-            raise GenerationError("the prompt is empty")
+            raise RequestRejected("the prompt is empty")
         if len(prompt) + request.max_new_tokens > self.max_context:
-            raise GenerationError(
+            raise RequestRejected(
                 f"prompt of {len(prompt)} tokens plus max_new_tokens={request.max_new_tokens} exceeds "
                 f"the context of {self.max_context} tokens"
             )

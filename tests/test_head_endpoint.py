@@ -127,8 +127,9 @@ async def test_max_new_tokens_inside_a_segment(served, reference, mode):
 async def test_bad_requests_get_clear_errors(served, reference, request_kwargs, message):
     client = Client(served[1])
     prompt = request_kwargs.pop("prompt", None)
-    with pytest.raises(GenerationFailed, match=message):
+    with pytest.raises(GenerationFailed, match=message) as failure:
         await client.complete(prompt, **request_kwargs)
+    assert failure.value.reason == "invalid"
     assert (await client.complete(PROMPTS["code"], max_new_tokens=4)).ids == reference(PROMPTS["code"], 20)[:4]
 
 
@@ -169,8 +170,9 @@ async def test_a_full_queue_refuses_at_once(head, three_stages, drafts, model_di
         await anext(running)  # the first request runs now
         queued = asyncio.create_task(Client(address).complete(PROMPTS["code"], max_new_tokens=4))
         await asyncio.sleep(0.3)
-        with pytest.raises(GenerationFailed, match="busy: 1 requests are waiting"):
+        with pytest.raises(GenerationFailed, match="busy: 1 requests are waiting") as failure:
             await Client(address).complete(PROMPTS["code"], max_new_tokens=4)
+        assert failure.value.reason == "busy"
         await running.aclose()
         assert (await queued).ids == reference(PROMPTS["code"], 20)[:4]
 
@@ -221,8 +223,9 @@ async def test_a_client_that_stops_reading_is_let_go_and_others_are_served(
 async def test_nothing_listening_fails_within_seconds():
     address = f"tcp://127.0.0.1:{free_ports(1)[0]}"
     started = asyncio.get_running_loop().time()
-    with pytest.raises(GenerationFailed, match="nothing answers at .*flowspec launch"):
+    with pytest.raises(GenerationFailed, match="nothing answers at .*flowspec launch") as failure:
         await Client(address, answer_timeout_s=1.0).complete("hi")
+    assert failure.value.reason == "unavailable"
     assert asyncio.get_running_loop().time() - started < 10
 
 
