@@ -1,4 +1,4 @@
-"""`flowspec` command line: prepare models, launch nodes, generate, chat, benchmark."""
+"""`flowspec` command line: prepare models, launch nodes, generate, chat, serve HTTP, benchmark."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import signal
 import sys
 import time
@@ -15,8 +16,8 @@ from typing import Any
 from .client import DEFAULT_ADDRESS, Client, GenerationFailed
 from .launch import LocalCluster, NodeDied
 from .models import ModelNotPrepared
-from .security import CLIENT, Keys, create_keys
-from .topology import Topology, TopologyError, default_topology_path, load_topology
+from .security import client_keys, create_keys
+from .topology import TopologyError, default_topology_path, load_topology
 
 OPTION_FLAGS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "draft", "segment_size",
                 "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab")
@@ -49,15 +50,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _client(args: argparse.Namespace) -> Client:
     """A client for the topology's head, with the client key pair when the cluster requires keys."""
     topology = load_topology(args.topology or default_topology_path())
-    keys = Keys(topology.keys, CLIENT) if topology.keys else None
-    return Client(_address(args, topology), keys=keys)
-
-
-def _address(args: argparse.Namespace, topology: Topology) -> str:
-    if args.address:
-        return args.address
-    head = topology.head
-    return f"tcp://{head.host}:{head.client_port}"
+    return Client(args.address or topology.client_address, keys=client_keys(topology.keys))
 
 
 async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **prompt: Any) -> str:
@@ -119,6 +112,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         started = time.monotonic()
         cluster.wait_ready(on_ready=lambda name: print(f"  {name} ready after {time.monotonic() - started:.1f} s", flush=True))
         print("all nodes ready; Ctrl-C stops them", flush=True)
+        if (http := cluster.topology.http) is not None:
+            print(f"OpenAI-compatible API on http://{http.host}:{http.port}/v1", flush=True)
         while True:
             for name in cluster.check():
                 print(f"  {name} died; restarted it (the head re-prefills its cache)", flush=True)
@@ -147,6 +142,17 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         run_node(args.topology or default_topology_path(), args.name)
     except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .http_gateway import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(load_topology(args.topology or default_topology_path()), args.host, args.port))
+    except KeyboardInterrupt:  # Ctrl-C: the server has shut down cleanly
         pass
     return 0
 
@@ -218,6 +224,12 @@ def _dispatch(argv: list[str]) -> int:
     node.add_argument("name")
     node.add_argument("--topology", type=Path)
     node.set_defaults(run=cmd_node)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API in front of a running head")
+    serve.add_argument("--topology", type=Path)
+    serve.add_argument("--host", help="listen address (default: [http] host, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: [http] port, else 8000)")
+    serve.set_defaults(run=cmd_serve)
 
     generate = commands.add_parser("generate", help="stream a completion from a running head")
     generate.add_argument("prompt")

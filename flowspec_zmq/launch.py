@@ -19,7 +19,7 @@ import zmq
 from .liveness import READY_ENV
 from .models import cache_root, resolve_model_dir
 from .protocol import NodeReady, ProtocolError, decode_control
-from .topology import ServiceConfig, Topology, TopologyError, load_topology
+from .topology import HTTP_NODE, ServiceConfig, Topology, TopologyError, load_topology
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 MAX_BACKOFF_S = 30.0
@@ -135,6 +135,8 @@ class LocalCluster:
         self.topology_path = Path(topology_path).resolve()
         self.topology: Topology = load_topology(self.topology_path)
         local = [n.name for n in self.topology.nodes if n.host in LOCAL_HOSTS]
+        if self.topology.http is not None:  # the HTTP gateway runs where it is launched
+            local.append(HTTP_NODE)
         self.names = names if names is not None else local
         self.log_dir = log_dir or cache_root() / "logs" / time.strftime("%Y%m%d-%H%M%S")
         self.nodes: dict[str, NodeProcess] = {}

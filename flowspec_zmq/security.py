@@ -57,6 +57,11 @@ class Keys:
         socket.curve_serverkey = self._public(server)
 
 
+def client_keys(folder: Path | None) -> Keys | None:
+    """The client's key pair when the cluster requires keys ([security] keys), else None."""
+    return Keys(folder, CLIENT) if folder else None
+
+
 def start_authenticator(context: zmq.Context, folder: Path) -> ThreadAuthenticator:
     """Accept CURVE clients whose public key is one of the `.key` files in `folder`.
 

@@ -7,6 +7,7 @@ the key, e.g. `topology.toml: nodes[2].port: duplicate port 5610 on 127.0.0.1 (a
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import tomllib
@@ -70,6 +71,34 @@ class ServiceConfig:
     restart_backoff_s: float = 0.5  # first restart delay; doubles per recent death, at most 30 s
 
 
+LOOPBACK = "127.0.0.1"
+HTTP_NODE = "http"  # the gateway's name among the nodes `flowspec launch` starts
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP gateway ([http] in the topology; `flowspec launch` starts it)."""
+
+    host: str = LOOPBACK
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # accepted `Authorization: Bearer KEY`s; none: no key asked (loopback only)
+
+
+def exposure_problem(host: str, api_keys: Sequence[str]) -> str | None:
+    """Why serving HTTP on `host` with these keys is refused: beyond loopback, only with a key."""
+    if api_keys or host == "localhost" or _is_loopback_address(host):
+        return None
+    return (f"serving on {host} (not loopback) without api_keys would let anyone who reaches it use the "
+            "model; set api_keys = [\"...\"] in [http] or serve on 127.0.0.1")
+
+
+def _is_loopback_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -91,10 +120,16 @@ class Topology:
     path: str = "<string>"
     keys: Path | None = None  # CurveZMQ key folder ([security] keys): every link authenticated
     service: ServiceConfig = ServiceConfig()
+    http: HttpConfig | None = None  # serve the OpenAI-compatible API ([http])
 
     @property
     def head(self) -> NodeConfig:
         return next(n for n in self.nodes if n.role == "head")
+
+    @property
+    def client_address(self) -> str:
+        """Where clients reach the head."""
+        return f"tcp://{self.head.host}:{self.head.client_port}"
 
     @property
     def stages(self) -> tuple[NodeConfig, ...]:
@@ -333,9 +368,6 @@ def parse_topology(text: str, path: str = "<string>") -> Topology:
     return _build(data, path)
 
 
-LOOPBACK = "127.0.0.1"
-
-
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """`count` distinct ports the OS reports free right now (bound to port 0, then released)."""
     sockets = [socket.socket() for _ in range(count)]
@@ -409,7 +441,7 @@ def make_local_topology(model: str, num_stages: int, **options: Any) -> Topology
 
 def _build(data: dict[str, Any], path: str) -> Topology:
     root = _Reader(path, "topology", data)
-    root.only({"model", "decoding", "nodes", "link", "security", "service"})
+    root.only({"model", "decoding", "nodes", "link", "security", "service", "http"})
     if "model" not in data:
         root.fail("model", "missing")
     raw_nodes = data.get("nodes")
@@ -417,6 +449,7 @@ def _build(data: dict[str, Any], path: str) -> Topology:
         root.fail("nodes", "missing" if raw_nodes is None else "must be an array of tables, written [[nodes]]")
     nodes = [_node(path, i, table) for i, table in enumerate(raw_nodes)]
     _check_nodes(path, nodes)
+    http = _http(path, data["http"], nodes) if "http" in data else None
     return Topology(
         model=_model(path, data["model"]),
         decoding=_decoding(path, data.get("decoding", {})),
@@ -425,7 +458,26 @@ def _build(data: dict[str, Any], path: str) -> Topology:
         path=path,
         keys=_keys(path, data["security"]) if "security" in data else None,
         service=_service(path, data.get("service", {})),
+        http=http,
     )
+
+
+def _http(path: str, table: Any, nodes: list[NodeConfig]) -> HttpConfig:
+    r = _Reader(path, "http", table)
+    r.only({f.name for f in fields(HttpConfig)})
+    keys = r.get("api_keys", list, [])
+    if not all(isinstance(key, str) and key for key in keys):
+        r.fail("api_keys", "must be a list of non-empty strings")
+    http = HttpConfig(r.get("host", str, LOOPBACK), _port(r, "port", False) or HttpConfig.port, tuple(keys))
+    if problem := exposure_problem(http.host, http.api_keys):
+        r.fail("host", problem)
+    for i, node in enumerate(nodes):
+        if node.name == HTTP_NODE:
+            raise TopologyError(f"{path}: nodes[{i}].name: {HTTP_NODE!r} names the HTTP gateway when [http] is set")
+        for key in ("port", "client_port", "control_port"):
+            if node.host == http.host and getattr(node, key) == http.port:
+                r.fail("port", f"port {http.port} on {http.host} is also nodes[{i}].{key} ({node.name!r})")
+    return http
 
 
 def _service(path: str, table: Any) -> ServiceConfig:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flowspec_zmq.topology import load_topology
+from flowspec_zmq.topology import HTTP_NODE, load_topology
 
 
 def run_node(topology_path: Path, name: str) -> None:
-    role = load_topology(topology_path).node(name).role
-    if role == "head":
+    topology = load_topology(topology_path)
+    if name == HTTP_NODE and topology.http is not None:
+        from . import http as program
+    elif topology.node(name).role == "head":
         from . import head as program
     else:
         from . import stage as program

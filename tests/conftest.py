@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from flowspec_zmq.reference import reference_greedy
 from flowspec_zmq.topology import local_topology_toml
 
 TEST_MODEL = "smollm2-135m"
+API_KEY = "test-key"  # what the `gateway` fixture asks for
 # In-process rings run every node's compute on its own thread, like real nodes that each get one
 # torch thread on a shared machine; more threads per node only fight over the two cores.
 torch.set_num_threads(1)
@@ -76,6 +77,18 @@ async def served(head, three_stages, drafts, model_dir, tokenizer):
 
     async with in_process_ring(head, three_stages) as ring, in_process_head(ring, model_dir, tokenizer, drafts) as both:
         yield both
+
+
+@pytest.fixture
+async def gateway(served) -> AsyncIterator[str]:
+    """The OpenAI-compatible HTTP gateway (API key API_KEY) in front of `served`'s head; yields its
+    base URL, e.g. "http://127.0.0.1:PORT"."""
+    from flowspec_zmq.http_gateway import create_app
+
+    from .inprocess import in_process_gateway
+
+    async with in_process_gateway(create_app(served[1], api_keys=(API_KEY,))) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

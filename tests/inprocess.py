@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import torch
+import uvicorn
 import zmq.asyncio
+from starlette.applications import Starlette
 
 from flowspec_zmq.draft import DraftSource, TreeShape
 from flowspec_zmq.emulation import DeviceProfile
@@ -134,3 +136,21 @@ async def in_process_head(
         # The next head may share these draft sources: leftover draft work must finish first.
         head.engine.workers.draft.shutdown(wait=True)
         head.engine.workers.verify.shutdown(wait=True)
+
+
+@asynccontextmanager
+async def in_process_gateway(app: Starlette) -> AsyncIterator[str]:
+    """An HTTP app served by uvicorn on this event loop; yields its base URL."""
+    port = free_ports(1)[0]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           timeout_graceful_shutdown=1))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task  # it failed to start: raise why
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

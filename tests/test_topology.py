@@ -7,6 +7,7 @@ import pytest
 from flowspec_zmq.emulation import DeviceProfile, LinkProfile
 from flowspec_zmq.topology import (
     DecodingConfig,
+    HttpConfig,
     TopologyError,
     default_topology_path,
     load_topology,
@@ -38,6 +39,7 @@ def test_default_file_is_gemma_on_four_loopback_stages():
     assert {n.host for n in t.nodes} == {"127.0.0.1"}
     assert all(n.layers is None for n in t.stages)
     assert t.layer_windows(18) == {"stage1": (0, 5), "stage2": (5, 10), "stage3": (10, 14), "stage4": (14, 18)}
+    assert t.http is None  # the HTTP gateway is opt-in
 
 
 def test_missing_decoding_table_gives_the_documented_defaults():
@@ -50,6 +52,12 @@ def test_missing_decoding_table_gives_the_documented_defaults():
 
 def test_integer_temperature_is_read_as_float():
     assert parse_topology(topology(stage("a", 6010), rest="[decoding]\ntemperature = 1\n")).decoding.temperature == 1.0
+
+
+def test_http_table_defaults_and_values():
+    assert parse_topology(topology(stage("a", 6010), rest="[http]\n")).http == HttpConfig("127.0.0.1", 8000, ())
+    public = parse_topology(topology(stage("a", 6010), rest='[http]\nhost = "0.0.0.0"\nport = 9000\napi_keys = ["k1", "k2"]\n'))
+    assert public.http == HttpConfig("0.0.0.0", 9000, ("k1", "k2"))
 
 
 def test_ring_order_follows_the_file():
@@ -160,6 +168,7 @@ def _without(text: str, line: str) -> str:
         (topology(stage("a", 6010, extra="profile = { fixed_ms = 1, per_token_ms = 1, x = 1 }\n")),
          "nodes[1].profile.x: unknown key"),
         (topology(stage("a", 6010), rest="[link]\nbandwidth_mbps = 1\nlatency = 1\n"), "link.latency: unknown key"),
+        (topology(stage("a", 6010), rest="[http]\ncolour = 1\n"), "http.colour: unknown key"),
         # missing required keys
         (topology(stage("a", 6010), model='[model]\ndtype = "float32"\n'), "model.source: missing"),
         (topology(stage("a", 6010), model=""), "topology.model: missing"),
@@ -223,6 +232,15 @@ def _without(text: str, line: str) -> str:
         (topology(stage("a", 6010), head=HEAD + 'layers = "auto"\n'), "nodes[0].layers: the head holds no decoder layers"),
         (topology(stage("a", 6010, extra="client_port = 7000\n")), "nodes[1].client_port: only the head has this port"),
         (topology(stage("a", 6010, extra="control_port = 7000\n")), "nodes[1].control_port: only the head has this port"),
+        # the HTTP gateway
+        (topology(stage("a", 6010), rest="[http]\nport = 0\n"), "http.port: port 0 is outside"),
+        (topology(stage("a", 6010), rest='[http]\napi_keys = "k"\n'), "http.api_keys: must be list"),
+        (topology(stage("a", 6010), rest='[http]\napi_keys = ["k", ""]\n'), "http.api_keys: must be a list of non-empty strings"),
+        (topology(stage("a", 6010), rest='[http]\nhost = "0.0.0.0"\n'),
+         "http.host: serving on 0.0.0.0 (not loopback) without api_keys would let anyone"),
+        (topology(stage("a", 6010), rest="[http]\nport = 6001\n"),
+         "http.port: port 6001 on 127.0.0.1 is also nodes[0].client_port ('head')"),
+        (topology(stage("http", 6010), rest="[http]\n"), "nodes[1].name: 'http' names the HTTP gateway when [http] is set"),
         # syntax
         ("[model\nsource=", "not valid TOML"),
     ],
