@@ -26,9 +26,8 @@ TURNS = (("What is the capital of France?", "flowspec"), ("And of Italy?", "ar")
 MAX_TOKENS = 16
 STATS = re.compile(r"^\d+\.\d tokens/s · \d+\.\d\d accepted per verification · \d+ tokens · (ar|flowspec)$")
 
-# Every text the last answer showed while it streamed, recorded in the page itself: polling from
-# Python could miss the short streaming window.
-# An answer is aria-busy exactly while it streams.
+# Every text the streaming answer (the one that is aria-busy) showed, recorded in the page itself:
+# polling from Python could miss the short streaming window.
 RECORD_STREAMING = """() => {
   window.seen = [];
   window.recorder?.disconnect();
@@ -79,8 +78,8 @@ async def test_chat_page_streams_greedy_answers_with_stats(gateway: str, model_d
     async with async_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
         browser = await playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = await browser.new_page(viewport={"width": 900, "height": 560})
         try:
-            page = await browser.new_page(viewport={"width": 900, "height": 560})
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             await page.goto(f"{gateway}/")
@@ -97,9 +96,9 @@ async def test_chat_page_streams_greedy_answers_with_stats(gateway: str, model_d
                 assert streamed and streamed[-1] == text, streamed
                 if mode == "ar":
                     assert len(streamed) > 1, f"the answer did not arrive piece by piece: {streamed}"
-            await page.screenshot(path=tmp_path / "chat_page.png")
             if os.environ.get("FLOWSPEC_SCREENSHOT"):
                 await page.screenshot(path=SCREENSHOT)
             assert not errors, errors
         finally:
+            await page.screenshot(path=tmp_path / "chat_page.png")  # also what a failure looked like
             await browser.close()
