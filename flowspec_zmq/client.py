@@ -25,6 +25,7 @@ from .security import Keys
 from .transport import receive_frames
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5599"
+CANCEL_LINGER_MS = 1000  # how long a closed socket still tries to deliver a cancel
 
 
 class GenerationFailed(RuntimeError):
@@ -124,12 +125,14 @@ class Client:
                     finished = True
                     return
         finally:
+            linger = 0
             if not finished:  # the caller stopped early: free the head for others (best effort)
                 try:
                     await socket.send(pack(Cancel(request_id)), zmq.NOBLOCK)
+                    linger = CANCEL_LINGER_MS  # closing without linger would drop the queued cancel
                 except zmq.Again:  # no connection to the head: nothing to cancel there
                     pass
-            socket.close()
+            socket.close(linger=linger)
 
     async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[str]:
         """Text as it is committed."""

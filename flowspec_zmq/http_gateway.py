@@ -8,6 +8,7 @@ launch` with an [http] table).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -17,7 +18,7 @@ import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 
 import uvicorn
 from starlette.applications import Starlette
@@ -158,6 +159,10 @@ def finish_reason(stats: dict[str, Any]) -> str:
     return "length" if stats["stop_reason"] == "length" else "stop"  # an eos token or a stop string
 
 
+def model_name(info: dict[str, Any]) -> str:
+    return Path(info["model"]).name  # the prepared model's folder
+
+
 def closing_fields(stats: dict[str, Any]) -> dict[str, Any]:
     """What a finished completion adds: OpenAI's usage, the sampling seed used, and the head's
     statistics as `flowspec` (less the time of every token)."""
@@ -221,8 +226,29 @@ async def _chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> 
         yield event
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone (its body was read already: nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, Response]) -> Response:
+    """`work`'s response, unless the client leaves first: then `work` is cancelled, and with it the
+    request on the head, which serves one request at a time and must not keep computing for nobody."""
+    working, leaving = asyncio.ensure_future(work), asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({working, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, leaving):
+            task.cancel()
+        await asyncio.wait({working, leaving})
+    if working.cancelled():
+        return Response(status_code=499)  # "client closed request": there is no one to send it to
+    return working.result()
+
+
 class Gateway:
-    """What the routes share: the head's client, the accepted API keys and the model's name."""
+    """What the routes share: the head's client, the accepted API keys, the model's name once known."""
 
     def __init__(self, client: Client, api_keys: Sequence[str]) -> None:
         self.client = client
@@ -247,15 +273,15 @@ class Gateway:
             raise ApiError.from_failure(failure) from None
 
     async def model(self) -> str:
-        """The served model's name (its folder's), asked from the head once."""
+        """The served model's name, asked from the head once."""
         if self._model is None:
-            self._model = Path((await self.info())["model"]).name
+            self._model = model_name(await self.info())
         return self._model
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)
         info = await self.info()
-        entry = {"id": Path(info["model"]).name, "object": "model", "created": self.started, "owned_by": "flowspec_zmq",
+        entry = {"id": model_name(info), "object": "model", "created": self.started, "owned_by": "flowspec_zmq",
                  "max_context": info["max_context"]}
         return JSONResponse({"object": "list", "data": [entry]})
 
@@ -274,6 +300,10 @@ class Gateway:
         job = parse_job(body, chat)
         log.info("%s (%s) for user %s", request.url.path, "stream" if job.stream else "whole", job.user or "-")
         reply = Reply(chat, await self.model())
+        # Until the response starts nothing else would notice a client that leaves.
+        return await _unless_disconnected(request, self._respond(reply, job))
+
+    async def _respond(self, reply: Reply, job: Job) -> Response:
         events = self.client.events(**job.prompt, stop=job.stop, **job.options)
         try:
             first = await anext(events)  # failures before the first token still get their own status
@@ -293,7 +323,7 @@ class Gateway:
     async def metrics(self, request: Request) -> Response:
         try:
             info = await self.info()
-        except ApiError:  # scrapers expect an answer: the head is down is a metric too
+        except ApiError:  # scrapers want an answer: a silent head is flowspec_head_up 0
             info = None
         return PlainTextResponse(prometheus_text(info), media_type="text/plain; version=0.0.4")
 
