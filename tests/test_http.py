@@ -23,6 +23,7 @@ from flowspec_zmq.client_protocol import Generate
 from flowspec_zmq.head_node import prompt_ids
 from flowspec_zmq.http_gateway import create_app
 from flowspec_zmq.launch import LocalCluster
+from flowspec_zmq.protocol import Segment
 from flowspec_zmq.reference import reference_greedy
 from flowspec_zmq.topology import HTTP_NODE, ServiceConfig, free_ports, local_topology_toml
 
@@ -130,7 +131,7 @@ async def test_a_seed_repeats_a_sample_and_one_is_drawn_without(client):
 
 async def test_concurrent_requests_with_project_options_are_all_served(client, reference, tokenizer):
     modes = ["ar", "tree", "specpipe", "flowspec"]
-    jobs = [(PROMPTS[sorted(PROMPTS)[i % 2]], 4 + i, mode) for i, mode in enumerate(modes)]
+    jobs = [(PROMPTS[sorted(PROMPTS)[i % 2]], 3 + i, mode) for i, mode in enumerate(modes)]
     options = dict(draft="ngram", tree_depth=3, tree_top_k=2, tree_width=2, tree_total_tokens=12, segment_size=4)
     answers = await asyncio.gather(*(
         ask(client, False, i % 2 == 1, prompt=prompt, max_tokens=tokens, extra_body={"mode": mode, **options})
@@ -215,9 +216,32 @@ async def test_a_full_queue_is_a_429(head, three_stages, drafts, model_dir, toke
         await queued
 
 
+async def test_a_failed_generation_is_a_500_or_ends_the_stream_with_an_error(head, three_stages, drafts, model_dir,
+                                                                           tokenizer):
+    async with in_process_ring(head, three_stages) as ring, \
+            in_process_head(ring, model_dir, tokenizer, drafts) as (_, address), \
+            in_process_gateway(create_app(address)) as url, openai_client(url, "no key needed") as client:
+        last_stage = ring.stages[-1].link
+        send = last_stage.send
+
+        async def narrow(message) -> None:  # a broken stage: decoding segments come back 7 wide
+            if isinstance(message, Segment) and not message.commit:
+                message = message.with_hidden(message.hidden[:, :7].contiguous())
+            await send(message)
+
+        last_stage.send = narrow
+        request = dict(model=TEST_MODEL, prompt=PROMPTS["code"], max_tokens=TOKENS, extra_body={"mode": "ar"})
+        with pytest.raises(openai.InternalServerError, match="hidden states 7 wide"):
+            await client.completions.create(**request)
+        stream = await client.completions.create(stream=True, **request)  # the prefill's token arrives first
+        with pytest.raises(openai.APIError, match="hidden states 7 wide"):
+            async for _ in stream:
+                pass
+
+
 async def test_nothing_answering_at_the_head_is_a_503():
     nobody = f"tcp://127.0.0.1:{free_ports(1)[0]}"
-    async with in_process_gateway(create_app(nobody, answer_timeout_s=0.5)) as url, openai_client(url) as client:
+    async with in_process_gateway(create_app(nobody, answer_timeout_s=0.2)) as url, openai_client(url) as client:
         with pytest.raises(openai.InternalServerError, match="nothing answers at") as error:
             await client.chat.completions.create(model=TEST_MODEL, messages=CHAT, stream=True)
         assert error.value.status_code == 503
