@@ -67,7 +67,8 @@ async def test_cancelled_stream_frees_the_head(served, reference, caplog):
             break  # leaving the loop sends a cancel
     after = await Client(address).complete(PROMPTS["code"], max_new_tokens=8)
     assert after.ids == reference(PROMPTS["code"], 20)[:8]
-    assert re.search(r"stopped after \d+ tokens: cancelled by its client", caplog.text)
+    # Its cancel or its closed connection, whichever the head notices first, ends the request.
+    assert re.search(r"stopped after \d+ tokens: (cancelled by its client|its client went away)", caplog.text)
 
 
 async def test_vanished_client_frees_its_request(served, reference, caplog):
