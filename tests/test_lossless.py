@@ -20,7 +20,7 @@ from .conftest import PROMPTS, client_address
 from .inprocess import in_process_ring, stage_windows
 from .test_head_scheduler import PACED
 
-NEW_TOKENS = 20
+NEW_TOKENS = 16  # several verifications, prunes and re-rootings per generation in every speculative mode
 CASES = [("ar", "int8"), ("tree", "int8"), ("tree", "ngram"), ("specpipe", "int8"), ("specpipe", "ngram"),
          ("flowspec", "int8"), ("flowspec", "ngram")]
 GREEDY = DecodingConfig(max_new_tokens=NEW_TOKENS)
@@ -55,7 +55,7 @@ async def generate(head, windows, drafts, model_dir, tokenizer, stages: int, pro
 async def test_greedy_equals_target(head, windows, drafts, model_dir, tokenizer, reference, stages, mode, draft, prompt):
     options = replace(GREEDY, mode=mode, draft=draft)
     got = await generate(head, windows, drafts, model_dir, tokenizer, stages, PROMPTS[prompt], options)
-    assert got == reference(PROMPTS[prompt], NEW_TOKENS)
+    assert got == reference(PROMPTS[prompt], 20)[:NEW_TOKENS]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -65,7 +65,7 @@ async def test_random_tree_shapes_stay_lossless(head, windows, drafts, model_dir
                       tree_top_k=rng.randint(1, 6), tree_width=rng.randint(1, 4),
                       tree_total_tokens=rng.randint(1, 48), segment_size=rng.randint(1, 20))
     got = await generate(head, windows, drafts, model_dir, tokenizer, 1 + seed % 4, PROMPTS["code"], options)
-    assert got == reference(PROMPTS["code"], NEW_TOKENS), options
+    assert got == reference(PROMPTS["code"], 20)[:NEW_TOKENS], options
 
 
 @pytest.mark.parametrize(
@@ -78,17 +78,17 @@ async def test_six_stages_with_prunes_racing_tiny_segments(head, windows, drafts
     options = replace(GREEDY, mode=mode, draft=draft, segment_size=segment_size)
     for prompt in sorted(PROMPTS):
         got = await generate(head, windows, drafts, model_dir, tokenizer, 6, PROMPTS[prompt], options)
-        assert got == reference(PROMPTS[prompt], NEW_TOKENS), prompt
+        assert got == reference(PROMPTS[prompt], 20)[:NEW_TOKENS], prompt
 
 
 async def test_bf16_draft_is_lossless(head, windows, drafts, model_dir, tokenizer, reference):
     """The bf16 copy of the target drafts better than int8, but the output is still the target's."""
     options = replace(GREEDY, mode="flowspec", draft="bf16")
     got = await generate(head, windows, drafts, model_dir, tokenizer, 2, PROMPTS["story"], options)
-    assert got == reference(PROMPTS["story"], NEW_TOKENS)
+    assert got == reference(PROMPTS["story"], 20)[:NEW_TOKENS]
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_real_processes_and_sockets(ring2, reference, mode):
     completion = asyncio.run(Client(client_address(ring2)).complete(PROMPTS["code"], mode=mode, max_new_tokens=NEW_TOKENS))
-    assert completion.ids == reference(PROMPTS["code"], NEW_TOKENS)
+    assert completion.ids == reference(PROMPTS["code"], 20)[:NEW_TOKENS]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -13,8 +14,10 @@ from flowspec_zmq.client import Client
 from flowspec_zmq.model_slices import load_full_model
 from flowspec_zmq.sampling import SamplingParams, filtered_probs
 from flowspec_zmq.strategies import MODES
+from flowspec_zmq.topology import DecodingConfig
 
 from .conftest import PROMPTS
+from .inprocess import in_process_ring, stage_windows
 
 
 async def test_sampling_is_reproducible_and_identical_across_modes(served):
@@ -34,9 +37,10 @@ def chi_square_critical_001(dof: int) -> float:
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
-async def test_sampled_pairs_follow_the_target_distribution(served, model_dir, tokenizer):
+async def test_sampled_pairs_follow_the_target_distribution(head, drafts, model_dir, tokenizer):
     """Two-token continuations drawn through the ring match p(t1) p(t2 | t1) of the target. One
-    mode is enough: the test above shows every mode draws the same tokens for the same seed."""
+    mode is enough: the test above shows every mode draws the same tokens for the same seed. The
+    draws go to the head's engine on a one-stage ring (the endpoint adds nothing to sampling)."""
     params = SamplingParams(temperature=1.0, top_k=3)
     prompt = "My favourite colour is"
     ids = tokenizer(prompt)["input_ids"]
@@ -49,12 +53,18 @@ async def test_sampled_pairs_follow_the_target_distribution(served, model_dir, t
             for t2 in torch.nonzero(second).flatten().tolist():
                 expected[t1, t2] = float(first[t1] * second[t2])
     draws = 150
-    client = Client(served[1])
     counts = Counter()
-    for seed in range(draws):
-        completion = await client.complete(prompt, mode="flowspec", max_new_tokens=2, temperature=1.0, top_k=3, seed=seed,
-                                           tree_top_k=2, tree_depth=2, segment_size=2)
-        counts[tuple(completion.ids)] += 1
+    options = DecodingConfig(mode="flowspec", max_new_tokens=2, temperature=1.0, top_k=3, tree_top_k=2,
+                             tree_depth=2, segment_size=2)
+
+    async def ignore(_: list[int]) -> None:
+        pass
+
+    async with in_process_ring(head, stage_windows(model_dir, 1)) as ring:
+        engine = ring.engine(model_dir, tokenizer, drafts=drafts)
+        for seed in range(draws):
+            stats = await engine.generate(ids, replace(options, seed=seed), ignore)
+            counts[tuple(stats.tokens)] += 1
     assert set(counts) <= set(expected), f"drew pairs the target cannot produce: {set(counts) - set(expected)}"
     # Pool rare cells so every expected count is at least 5, as the test requires.
     pooled_expected, pooled_observed, rest_e, rest_o = [], [], 0.0, 0
