@@ -117,7 +117,7 @@ class Client:
                         finished = True
                         raise GenerationFailed(reply.message, reply.ids or ids, reply.reason)
                     case Tokens():
-                        ids = ids + reply.ids
+                        ids.extend(reply.ids)
                     case Accepted() | Alive():
                         continue
                 yield {"event": reply.kind, **asdict(reply)}

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import uvloop
-import zmq.asyncio
 from transformers import AutoTokenizer
 
 from flowspec_zmq.draft import make_draft_source

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import uvloop
-import zmq.asyncio
 
 from flowspec_zmq.liveness import announce_ready, send_heartbeats
 from flowspec_zmq.model_slices import load_config, load_layer_window

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowspec_zmq import protocol

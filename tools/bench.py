@@ -24,7 +24,6 @@ Writes OUT/bench.json, OUT/summary.md, OUT/speedup.png and OUT/timeline_<config>
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os

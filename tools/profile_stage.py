@@ -30,7 +30,6 @@ from rich.console import Console
 from rich.table import Table
 
 from flowspec_zmq.draft import DraftLM, Frontier, TreeShape
-from flowspec_zmq.tree import ROOT_PARENT
 from flowspec_zmq.model_slices import load_config, load_head_model, load_layer_window
 from flowspec_zmq.models import resolve_model_dir
 from flowspec_zmq.tree import ROOT_PARENT
