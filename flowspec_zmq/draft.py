@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .draft_vocab import load_ranking
-from .model_slices import HeadModel, LayerWindow, load_layer_window
+from .kv_cache import TreeKVCache
+from .model_slices import HeadModel, LayerWindow, WindowPart, load_layer_window
 from .tree import ROOT_PARENT, DraftTree
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,30 @@ class Frontier:
 Proposals = list[list[tuple[int, float]]]  # per frontier node: (token, log-prob), best first
 
 
+@dataclass(frozen=True)
+class DraftStep:
+    """One request's part of a draft step: expand these frontier nodes, `top_k` children each."""
+
+    request: int
+    frontier: Sequence[Frontier]
+    top_k: int
+
+
 class DraftSource(Protocol):
-    def begin(self, prefix: Sequence[int]) -> None:
+    """Keeps a state per request; one `expand` call serves several requests at once."""
+
+    def begin(self, request: int, prefix: Sequence[int]) -> None:
         """A new request: `prefix` is every committed token before the tree's root."""
 
-    def expand(self, frontier: Sequence[Frontier], top_k: int) -> Proposals:
-        """The best `top_k` children of each frontier node."""
+    def expand(self, steps: Sequence[DraftStep]) -> list[Proposals]:
+        """The best `top_k` children of each frontier node, per step."""
 
-    def advance(self, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+    def advance(self, request: int, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
         """A verification moved `accepted` (root first) into the committed sequence (which now ends
         with the new root); nodes outside `keep` are gone."""
+
+    def end(self, request: int) -> None:
+        """The request is over: its state may go."""
 
 
 def select_connected(tokens: list[int], parents: list[int], scores: list[float], budget: int) -> DraftTree:
@@ -99,8 +114,10 @@ class DraftLM:
         self.head = head  # shared with the head node: embedding and final norm are not copied
         self.lm_head = lm_head  # over the draft vocabulary only (`vocab` maps its rows to token ids)
         self.vocab = vocab
-        self.cache = window.new_cache()
-        self.cached_tokens: list[int] = []
+        self.states: dict[int, DraftState] = {}  # request -> its KV cache
+        # The last finished request's cache: the next request usually shares its prefix (a chat's
+        # earlier turns), so that much of its prefill is already done.
+        self.spare: DraftState | None = None
         self.prefill_chunk = prefill_chunk
 
     @classmethod
@@ -127,48 +144,70 @@ class DraftLM:
         lm_head[0].weight = nn.Parameter(weight.float(), requires_grad=False)  # no copy when already float32
         return cls(window, head, quantize_layer(lm_head)[0], vocab)
 
-    def _sync(self, tokens: Sequence[int]) -> None:
+    def _sync(self, state: DraftState, tokens: Sequence[int]) -> None:
         """Bring the committed KV up to `tokens`, reusing the common prefix."""
         common = 0
-        for a, b in zip(self.cached_tokens, tokens):
+        for a, b in zip(state.tokens, tokens):
             if a != b:
                 break
             common += 1
-        if common < self.cache.committed:
-            self.cache.truncate(common)
-            self.cached_tokens = self.cached_tokens[:common]
+        if common < state.cache.committed:
+            state.cache.truncate(common)
+            state.tokens = state.tokens[:common]
         for start in range(common, len(tokens), self.prefill_chunk):
             chunk = list(tokens[start : min(start + self.prefill_chunk, len(tokens))])
             positions = list(range(start, start + len(chunk)))
-            self.window(self.head.embed(chunk), self.cache, True, positions, [ROOT_PARENT] * len(chunk), positions)
-            self.cached_tokens.extend(chunk)
+            self.window(self.head.embed(chunk), state.cache, True, positions, [ROOT_PARENT] * len(chunk), positions)
+            state.tokens.extend(chunk)
 
     @torch.inference_mode()
-    def begin(self, prefix: Sequence[int]) -> None:
-        self.cache.prune((), ())  # the last request's tree rows
-        self._sync(prefix)
+    def begin(self, request: int, prefix: Sequence[int]) -> None:
+        state, self.spare = self.spare or DraftState(self.window.new_cache(), []), None
+        state.cache.prune((), ())  # the last request's tree rows
+        self.states[request] = state
+        self._sync(state, prefix)
+
+    def end(self, request: int) -> None:
+        self.spare = self.states.pop(request, None) or self.spare
 
     @torch.inference_mode()
-    def expand(self, frontier: Sequence[Frontier], top_k: int) -> Proposals:
-        hidden = self.window(
-            self.head.embed([f.token for f in frontier]), self.cache, False,
-            [f.node_id for f in frontier], [f.parent for f in frontier], [f.position for f in frontier],
-        )
+    def expand(self, steps: Sequence[DraftStep]) -> list[Proposals]:
+        """One forward over every request's frontier (packed rows, each request's own cache)."""
+        plans = [self.window.plan(WindowPart(self.states[step.request].cache, False, [f.node_id for f in step.frontier],
+                                             [f.parent for f in step.frontier], [f.position for f in step.frontier]))
+                 for step in steps]
+        hidden = self.window.run(self.head.embed([f.token for step in steps for f in step.frontier]), plans)
         logits = self.lm_head(self.head.norm(hidden.to(self.head.dtype)).float())
         if self.head.softcap is not None:
             logits = torch.tanh(logits / self.head.softcap) * self.head.softcap
+        top_k = max(step.top_k for step in steps)
         top = torch.topk(torch.log_softmax(logits, dim=-1), min(top_k, logits.shape[-1]), dim=-1)
-        tokens = top.indices if self.vocab is None else self.vocab[top.indices]
-        return [list(zip(t, v)) for t, v in zip(tokens.tolist(), top.values.tolist())]
+        tokens = (top.indices if self.vocab is None else self.vocab[top.indices]).tolist()
+        scores = top.values.tolist()
+        proposals, row = [], 0
+        for step in steps:
+            rows = range(row, row + len(step.frontier))
+            proposals.append([list(zip(tokens[i][: step.top_k], scores[i][: step.top_k])) for i in rows])
+            row += len(step.frontier)
+        return proposals
 
     @torch.inference_mode()
-    def advance(self, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+    def advance(self, request: int, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+        state = self.states[request]
         # Expansion goes parents first, so the accepted nodes with KV here are a prefix of the path.
-        cached = list(takewhile(lambda n: n in self.cache.row_of, accepted))
-        survivors = [n for n in keep if n in self.cache.row_of] if len(cached) == len(accepted) else []
-        self.cache.prune(cached, survivors)
-        self.cached_tokens = list(committed[: self.cache.committed])
-        self._sync(committed[:-1])  # accepted tokens the draft never expanded (leaves) join here
+        cached = list(takewhile(lambda n: n in state.cache.row_of, accepted))
+        survivors = [n for n in keep if n in state.cache.row_of] if len(cached) == len(accepted) else []
+        state.cache.prune(cached, survivors)
+        state.tokens = list(committed[: state.cache.committed])
+        self._sync(state, committed[:-1])  # accepted tokens the draft never expanded (leaves) join here
+
+
+@dataclass
+class DraftState:
+    """A draft LM's view of one request: its KV cache and the committed tokens it holds."""
+
+    cache: TreeKVCache
+    tokens: list[int]
 
 
 def quantize_layer(module: nn.Module) -> nn.Module:
@@ -182,7 +221,7 @@ class NgramDraft:
 
     def __init__(self, max_ngram: int = 3) -> None:
         self.max_ngram = max_ngram
-        self.prefix: list[int] = []
+        self.prefixes: dict[int, list[int]] = {}  # request -> committed tokens before its tree's root
 
     def draft(self, context: DraftContext) -> DraftTree:
         tokens = list(context.tokens)
@@ -211,19 +250,23 @@ class NgramDraft:
                     return select_connected(candidates, parents, scores, shape.total_tokens)
         return select_connected(candidates, parents, scores, shape.total_tokens)
 
-    def begin(self, prefix: Sequence[int]) -> None:
-        self.prefix = list(prefix)
+    def begin(self, request: int, prefix: Sequence[int]) -> None:
+        self.prefixes[request] = list(prefix)
 
-    def expand(self, frontier: Sequence[Frontier], top_k: int) -> Proposals:
-        shape = TreeShape(depth=1, top_k=top_k, total_tokens=top_k)
+    def end(self, request: int) -> None:
+        self.prefixes.pop(request, None)
+
+    def expand(self, steps: Sequence[DraftStep]) -> list[Proposals]:
         proposals = []
-        for node in frontier:
-            children = self.draft(DraftContext(self.prefix + list(node.path), shape))
-            proposals.append(list(zip(children.tokens, children.scores)))
+        for step in steps:
+            shape = TreeShape(depth=1, top_k=step.top_k, total_tokens=step.top_k)
+            prefix = self.prefixes[step.request]
+            drafts = [self.draft(DraftContext(prefix + list(node.path), shape)) for node in step.frontier]
+            proposals.append([list(zip(d.tokens, d.scores)) for d in drafts])
         return proposals
 
-    def advance(self, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
-        self.prefix = list(committed[:-1])
+    def advance(self, request: int, accepted: Sequence[int], keep: Collection[int], committed: Sequence[int]) -> None:
+        self.prefixes[request] = list(committed[:-1])
 
 
 def make_draft_source(kind: DraftKind, model_dir: Path, head: HeadModel, vocab_size: int) -> DraftSource:

@@ -1,4 +1,5 @@
-"""The head's engine: runs one request on the ring with the right strategy and draft, and recovers
+"""The head's engine: runs requests on the ring with the right strategy and draft, several at once
+(they share the scheduler, which batches them), within the stages' KV memory, and recovers a request
 from a failed stage or a lost message by re-prefilling prompt + committed tokens on a fresh request.
 
 The engine knows nothing about clients or sockets: it talks to the ring through `send` and the
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Callable
 
 from .draft import DraftSource, TreeShape, make_draft_source
+from .kv_budget import KVBudget
 from .model_slices import HeadModel
 from .protocol import Message
 from .sampling import SamplingParams
 from .scheduler import (
-    GenerationRequest, GenerationStats, HeadWorkers, OnTokens, RingDown, Scheduler, Send, StageFailure,
+    FlightPlan, GenerationRequest, GenerationStats, HeadWorkers, OnTokens, RingDown, Scheduler, Send, StageFailure,
 )
 from .strategies import make_strategy
 from .topology import DecodingConfig, ServiceConfig
@@ -30,7 +32,7 @@ from .trace import Tracer
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class Attempt:
     restarts: int  # the watchdog's restart count when the attempt began
     interrupted: bool = False
@@ -66,6 +68,7 @@ class HeadEngine:
         health: RingHealth,
         first_request_id: int = 1,
         workers: HeadWorkers | None = None,
+        kv_budget: KVBudget | None = None,
     ) -> None:
         self.model_dir = model_dir
         self.head = head
@@ -81,7 +84,10 @@ class HeadEngine:
         self.health = health
         self.workers = workers or HeadWorkers.start()
         self.request_ids = itertools.count(first_request_id)
-        self.running: Attempt | None = None  # the attempt in progress, for the watchdog to interrupt
+        self.running: set[Attempt] = set()  # attempts in progress, for the watchdog to interrupt
+        self.kv_budget = kv_budget
+        self.scheduler = Scheduler(head, send, returns.get, max_context, self.workers, tracer, num_stages,
+                                   service.max_batch_rows, service.progress_timeout_s)
 
     def draft_source(self, kind: str, vocab: int) -> DraftSource:
         if (kind, vocab) not in self.drafts:
@@ -95,12 +101,19 @@ class HeadEngine:
         if strategy.uses_draft:
             draft = await asyncio.get_running_loop().run_in_executor(
                 self.workers.draft, self.draft_source, options.draft, options.draft_vocab)
-        scheduler = Scheduler(
-            self.head, draft, strategy,
-            TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens, options.tree_width),
-            self.send, self.returns.get, self.max_context, self.prefill_chunk, self.workers, self.tracer,
-            self.service.progress_timeout_s,
-        )
+        plan = FlightPlan(
+            strategy, TreeShape(options.tree_depth, options.tree_top_k, options.tree_total_tokens, options.tree_width),
+            draft, self.prefill_chunk)
+        self.scheduler.check(len(ids), options.max_new_tokens)
+        # The longest the request can get on a stage: its tokens, a full tree and a message in flight.
+        longest = len(ids) + options.max_new_tokens + options.tree_total_tokens + self.service.max_batch_rows
+        if self.kv_budget is None:
+            return await self._attempts(ids, options, plan, on_tokens)
+        async with self.kv_budget.reserve(longest):
+            return await self._attempts(ids, options, plan, on_tokens)
+
+    async def _attempts(self, ids: list[int], options: DecodingConfig, plan: FlightPlan,
+                        on_tokens: OnTokens) -> GenerationStats:
         # Without a seed every request gets its own, reported with the statistics so it can be repeated.
         seed = options.seed if options.seed is not None else secrets.randbelow(1 << 31)
         sampling = SamplingParams(options.temperature, options.top_k, options.top_p, seed)
@@ -113,21 +126,20 @@ class HeadEngine:
             request = GenerationRequest(
                 tuple(ids + stats.tokens), options.max_new_tokens - len(stats.tokens), sampling, self.eos_ids
             )
-            while not self.returns.empty():  # leftovers of an earlier attempt
-                self.returns.get_nowait()
-            self.running = Attempt(self.health.restarts())
+            attempt = Attempt(self.health.restarts())
+            self.running.add(attempt)
             try:
-                await scheduler.generate(next(self.request_ids), request, on_tokens, stats)
+                await self.scheduler.generate(next(self.request_ids), request, plan, on_tokens, stats)
             except StageFailure as failure:
                 if recoveries >= self.service.max_recoveries:
                     raise RingDown(f"{failure}; gave up after {recoveries} recoveries", stats.tokens) from None
                 recoveries += 1
                 log.warning("%s; re-prefilling %d tokens", failure, len(ids) + len(stats.tokens))
-                self.running = None
+                self.running.discard(attempt)
                 await self._healthy_ring(failure, stats.tokens)
                 continue
             finally:
-                self.running = None
+                self.running.discard(attempt)
             stats.recoveries = recoveries
             return stats
 

@@ -1,8 +1,8 @@
 """The head node's endpoint: clients, the admission queue, liveness of the stages; the engine runs
 the requests on the ring.
 
-Clients talk to a ROUTER socket; requests are served one at a time in arrival order (the stages
-hold one request's tree at a time), each streamed back as it is committed. Whatever goes wrong in
+Clients talk to a ROUTER socket; up to `max_requests` requests decode at once (the engine batches
+them through the ring), the rest wait in arrival order; each is streamed back as it is committed. Whatever goes wrong in
 one request ends that request with a clear error and the tokens it has; the head keeps serving.
 """
 
@@ -26,6 +26,7 @@ from .client_protocol import (
 from .detokenize import TextStream
 from .draft import DraftSource
 from .engine import HeadEngine, RingHealth
+from .kv_budget import KVBudget
 from .liveness import Watchdog
 from .memory import return_free_memory
 from .model_slices import HeadModel
@@ -79,12 +80,13 @@ class ServingMetrics:
     recoveries: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class ClientJob:
     identity: bytes
     request: Generate
     options: DecodingConfig
     cancelled: str = ""  # why it must stop, once its client cancelled or vanished
+    task: asyncio.Task | None = None  # serving it, once it left the queue
 
 
 class HeadNode:
@@ -105,6 +107,7 @@ class HeadNode:
         prefill_chunk: int,
         drafts: dict[tuple[str, int], DraftSource],
         service: ServiceConfig,
+        kv_budget: KVBudget | None = None,
     ) -> None:
         self.name = name
         self.model_dir = model_dir
@@ -134,11 +137,11 @@ class HeadNode:
             prefill_chunk, service, drafts, tracer_from_env(name),
             RingHealth(self.watchdog.problem, lambda: self.watchdog.restarts),
             # Ids unique across head restarts: stages may still hold caches of the old head's requests.
-            first_request_id=int(time.time() * 1000) % (1 << 40),
+            first_request_id=int(time.time() * 1000) % (1 << 40), kv_budget=kv_budget,
         )
         self.jobs: deque[ClientJob] = deque()  # admitted, waiting (at most service.max_queued_requests)
-        self.job_ready = asyncio.Event()
-        self.serving: ClientJob | None = None
+        self.job_ready = asyncio.Event()  # a job arrived or a running one ended
+        self.serving: list[ClientJob] = []  # running, at most service.max_requests
         self.metrics = ServingMetrics()
 
     async def run(self) -> None:
@@ -156,14 +159,15 @@ class HeadNode:
         process (its KV cache gone), instead of waiting for rows that will not come."""
         while True:
             await asyncio.sleep(0.25)
-            attempt = self.engine.running
-            if attempt is None or attempt.interrupted:
+            attempts = [a for a in self.engine.running if not a.interrupted]
+            if not attempts:
                 continue
             problem = self.watchdog.problem()
-            if problem is None and self.watchdog.restarts != attempt.restarts:
+            if problem is None and any(self.watchdog.restarts != a.restarts for a in attempts):
                 problem = f"stage {self.watchdog.last_restarted} restarted and lost its cache"
             if problem:
-                attempt.interrupted = True
+                for attempt in attempts:
+                    attempt.interrupted = True
                 log.error("%s: %s", self.name, problem)
                 await self.returns.put(StageError(ANY_REQUEST, "watchdog", problem))
 
@@ -207,12 +211,17 @@ class HeadNode:
                 "try again later", request.id, reason="busy")
         self.jobs.append(ClientJob(identity, request, options))
         self.job_ready.set()
-        await self._reply(identity, Accepted(request.id, len(self.jobs) - 1 + (self.serving is not None)))
+        # Requests ahead of it: those queued before it, and one running request per missing free slot.
+        ahead = len(self.jobs) - 1 + max(0, len(self.serving) - self.service.max_requests + 1)
+        await self._reply(identity, Accepted(request.id, ahead))
 
     def _cancel(self, identity: bytes, request_id: int, reason: str) -> None:
-        """Only requests the head holds can be cancelled: nothing to remember for later."""
-        if self.serving and (self.serving.identity, self.serving.request.id) == (identity, request_id):
-            self.serving.cancelled = reason
+        """Only requests the head holds can be cancelled: nothing to remember for later. A running
+        one stops at once: its rows leave the ring and its caches are released."""
+        for job in self.serving:
+            if (job.identity, job.request.id) == (identity, request_id) and not job.cancelled:
+                job.cancelled = reason
+                job.task.cancel()
         self.jobs = deque(j for j in self.jobs if (j.identity, j.request.id) != (identity, request_id))
 
     async def _keep_clients_informed(self) -> None:
@@ -220,7 +229,7 @@ class HeadNode:
         leave the queue."""
         while True:
             await asyncio.sleep(ALIVE_S / 2)
-            for job in [*self.jobs, *([self.serving] if self.serving else [])]:
+            for job in [*self.jobs, *self.serving]:
                 if not await self._reply(job.identity, Alive(job.request.id)):
                     self._cancel(job.identity, job.request.id, "its client went away")
 
@@ -234,19 +243,23 @@ class HeadNode:
         return {"model": str(self.model_dir), "stages": self.num_stages, "max_context": self.max_context,
                 "defaults": asdict(self.defaults),
                 "health": {"ok": problem is None, "problem": problem, "last_heartbeat_s": seen},
-                "metrics": {**asdict(self.metrics), "queued": len(self.jobs), "running": int(self.serving is not None)}}
+                "metrics": {**asdict(self.metrics), "queued": len(self.jobs), "running": len(self.serving)}}
 
     async def _serve(self) -> None:
         while True:
-            while not self.jobs:
+            while not self.jobs or len(self.serving) >= self.service.max_requests:
                 self.job_ready.clear()
                 await self.job_ready.wait()
-            self.serving = self.jobs.popleft()
-            try:
-                await self._serve_one(self.serving)
-            finally:
-                self.serving = None
-            return_free_memory()  # between requests: the workers' arenas keep what a request freed
+            job = self.jobs.popleft()
+            job.task = asyncio.ensure_future(self._serve_one(job))
+            job.task.add_done_callback(lambda _, job=job: self._served(job))
+            self.serving.append(job)
+
+    def _served(self, job: ClientJob) -> None:
+        self.serving.remove(job)
+        self.job_ready.set()
+        if not self.serving:
+            return_free_memory()  # between requests: the workers' arenas keep what requests freed
 
     async def _serve_one(self, job: ClientJob) -> None:
         """Run one request to its end; whatever fails ends this request only, with the tokens it has."""
@@ -275,9 +288,12 @@ class HeadNode:
             if not stops.stopped and (tail := stops.feed(stream.flush()) + stops.flush()):
                 await self._reply(job.identity, Tokens(request_id, [], tail))
             await self._reply(job.identity, Done(request_id, stats_summary(stats, len(ids))))
-        except Cancelled as reason:
+        except (Cancelled, asyncio.CancelledError) as reason:
+            if isinstance(reason, asyncio.CancelledError) and not job.cancelled:
+                raise  # the head itself is stopping
             self.metrics.requests_cancelled += 1
-            log.info("%s: request %d stopped after %d tokens: %s", self.name, request_id, len(stream.ids), reason)
+            log.info("%s: request %d stopped after %d tokens: %s", self.name, request_id, len(stream.ids),
+                     job.cancelled or reason)
         except (ClientRequestError, GenerationError) as exc:
             self.metrics.requests_failed += 1
             await self._reply(job.identity, Failed(request_id, str(exc), stream.ids, failure_reason(exc)))

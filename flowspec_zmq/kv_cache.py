@@ -6,9 +6,9 @@ The HF attention modules call `update()`, which writes the new rows after the ex
 returns views over everything, so attention reads the cache without copying it.
 
 A layer window drives one forward per segment: a commit segment (prefill rows) only while no tree
-rows are live; a tree segment as `tree_rows_for()`, the forward, then `add_tree_rows()`, which
-refuses rows whose ids or parents do not fit this cache (a stage reports that to the head instead
-of returning hidden states computed against the wrong rows).
+rows are live; a tree segment as `tree_rows_for()`, which refuses rows whose ids or parents do not
+fit this cache before anything runs (a stage reports that to the head instead of returning hidden
+states computed against the wrong rows), the forward, then `add_tree_rows()`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ from typing import Sequence
 import torch
 
 from .tree import ROOT_PARENT
+
+FIRST_CAPACITY = 256  # rows a new cache holds before it first grows
+
+
+def grown_capacity(rows: int, capacity: int = FIRST_CAPACITY) -> int:
+    """The capacity a cache reaches to hold `rows`: it doubles, so a long request is copied only
+    a few times. The head reserves KV memory by the same rule the stages allocate it."""
+    while capacity < rows:
+        capacity *= 2
+    return capacity
 
 
 @dataclass(frozen=True)
@@ -33,7 +43,7 @@ class TreeKVCache:
         first_layer: int,
         shapes: Sequence[LayerShape],
         dtype: torch.dtype,
-        capacity: int = 256,
+        capacity: int = FIRST_CAPACITY,
     ) -> None:
         self.first_layer = first_layer
         self.dtype = dtype
@@ -72,12 +82,24 @@ class TreeKVCache:
         return self.keys[local][:, :, :end], self.values[local][:, :, :end]
 
     # -- bookkeeping around a forward pass ---------------------------------------------------------
+    @property
+    def bytes_per_row(self) -> int:
+        return sum(k.shape[1] * k.shape[3] * k.element_size() for k in self.keys) * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.capacity * self.bytes_per_row
+
+    def growth_bytes(self, rows: int) -> int:
+        """Memory `reserve(rows)` would add."""
+        return (grown_capacity(self.length + rows, self.capacity) - self.capacity) * self.bytes_per_row
+
     def reserve(self, rows: int) -> None:
         """Make room for `rows` more rows before a forward pass writes them."""
         needed = self.length + rows
         if needed <= self.capacity:
             return
-        capacity = max(needed, 2 * self.capacity)
+        capacity = grown_capacity(needed, self.capacity)
         # Growth happens inside a forward (inference mode); buffers made there would be inference
         # tensors, which prune() may not update in place outside it. Keep them normal tensors.
         with torch.inference_mode(False):
@@ -89,17 +111,21 @@ class TreeKVCache:
         self.capacity = capacity
 
     def append_committed(self, rows: int) -> None:
-        if self.tree_size:
-            raise RuntimeError(self._commit_refusal(rows))
+        self.check_commit(rows)
         self.committed += rows
 
     def _commit_refusal(self, rows: int) -> str:
         return (f"a commit segment ({rows} rows) arrived while {self.tree_size} tree rows are live: "
                 f"committed rows can only be appended once a prune has settled the tree")
 
-    def tree_rows_for(self, node_ids: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
-        """Ancestor-or-self rows (over current tree rows + the new ones) for new nodes; a node under
-        ROOT_PARENT attends to the committed prefix only (add_tree_rows() rejects unknown parents)."""
+    def check_commit(self, rows: int) -> None:
+        if self.tree_size:
+            raise RuntimeError(self._commit_refusal(rows))
+
+    def tree_rows_for(self, node_ids: Sequence[int], parents: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Ancestor-or-self rows (over current tree rows + the new ones) for new nodes, once their
+        ids and parents check out; a node under ROOT_PARENT attends to the committed prefix only."""
+        self._check_tree_segment(node_ids, parents, positions)
         self._prepared = (tuple(node_ids), tuple(parents))
         old = self.tree_size
         rows = torch.zeros(len(node_ids), old + len(node_ids), dtype=torch.bool)
@@ -114,12 +140,11 @@ class TreeKVCache:
         return rows
 
     def add_tree_rows(self, node_ids: Sequence[int], positions: Sequence[int], rows: torch.Tensor) -> None:
-        """Keep the rows of the segment tree_rows_for() prepared, once its ids and parents check out."""
-        prepared, parents = self._prepared
+        """Keep the rows of the segment tree_rows_for() prepared."""
+        prepared, _ = self._prepared
         self._prepared = ((), ())
         if tuple(node_ids) != prepared:
             raise RuntimeError(f"add_tree_rows() got nodes {list(node_ids)}; tree_rows_for() prepared {list(prepared)}")
-        self._check_tree_segment(node_ids, parents, positions)
         old = self.tree_size
         total = old + len(node_ids)
         grown = torch.zeros(total, total, dtype=torch.bool)
@@ -134,8 +159,7 @@ class TreeKVCache:
     def _check_tree_segment(self, node_ids: Sequence[int], parents: Sequence[int], positions: Sequence[int]) -> None:
         """Ids are never reused, and every parent is a live tree row, an earlier row of the segment,
         or ROOT_PARENT for the tree's root, which sits right after the committed prefix: anything
-        else would silently attend to the wrong rows. Runs before the cache changes (after the
-        forward: the window hands positions over only here)."""
+        else would silently attend to the wrong rows. Runs before the forward."""
         earlier: set[int] = set()
         for node, parent, position in zip(node_ids, parents, positions):
             if node in earlier:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,6 +59,25 @@ def _layer_types(config: PretrainedConfig) -> list[str]:
     return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
 
 
+@dataclass(frozen=True)
+class WindowPart:
+    """One request's rows in a forward pass: prefill rows (`commit`) or draft-tree nodes."""
+
+    cache: TreeKVCache
+    commit: bool
+    node_ids: Sequence[int]
+    parents: Sequence[int]
+    positions: Sequence[int]
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    part: WindowPart
+    positions: torch.Tensor
+    masks: dict[str, torch.Tensor]  # attention type -> [rows, the request's keys]
+    tree_rows: torch.Tensor | None  # the new tree rows' ancestor rows, kept by the cache after the forward
+
+
 class LayerWindow(nn.Module):
     """Decoder layers [first, last) of a model, run over tree segments with a TreeKVCache."""
 
@@ -82,34 +102,31 @@ class LayerWindow(nn.Module):
         shape = LayerShape(self.config.num_key_value_heads, head_dim)
         return TreeKVCache(self.first, [shape] * len(self.layers), self.dtype)
 
-    def _masks(
-        self,
-        cache: TreeKVCache,
-        commit: bool,
-        node_ids: Sequence[int],
-        parents: Sequence[int],
-        positions: torch.Tensor,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        n = len(node_ids)
+    def plan(self, part: WindowPart) -> PartPlan:
+        """Check one request's rows against its cache and build its attention masks; a part that
+        does not fit its cache fails here, before any forward pass runs."""
+        n = len(part.node_ids)
+        cache = part.cache
+        positions = torch.tensor(part.positions, dtype=torch.long)
         prefix = torch.ones(n, cache.committed, dtype=torch.bool)
-        if commit:
+        if part.commit:
+            cache.check_commit(n)
             tree_rows = None
             own = torch.ones(n, n, dtype=torch.bool).tril()
             key_positions = torch.cat([torch.arange(cache.committed), positions])
         else:
-            tree_rows = cache.tree_rows_for(node_ids, parents)
+            tree_rows = cache.tree_rows_for(part.node_ids, part.parents, part.positions)
             own = tree_rows
             key_positions = torch.cat(
                 [torch.arange(cache.committed), torch.tensor(cache.node_positions, dtype=torch.long), positions]
             )
         full = torch.cat([prefix, own], dim=1)
-        masks = {"full_attention": full[None, None]}
+        masks = {"full_attention": full}
         if "sliding_attention" in self.layer_types:
             within = (positions[:, None] - key_positions[None, :]) < self.sliding_window
-            masks["sliding_attention"] = (full & within)[None, None]
-        return masks, tree_rows
+            masks["sliding_attention"] = full & within
+        return PartPlan(part, positions, masks, tree_rows)
 
-    @torch.inference_mode()
     def forward(
         self,
         hidden: torch.Tensor,
@@ -119,12 +136,24 @@ class LayerWindow(nn.Module):
         parents: Sequence[int],
         positions: Sequence[int],
     ) -> torch.Tensor:
-        """Run rows [n, d] through the window; their K/V join the cache (committed or as tree rows)."""
-        position_tensor = torch.tensor(positions, dtype=torch.long)
-        masks, tree_rows = self._masks(cache, commit, node_ids, parents, position_tensor)
-        cache.reserve(len(node_ids))
+        """Run one request's rows [n, d] through the window; their K/V join the cache."""
+        return self.run(hidden, [self.plan(WindowPart(cache, commit, node_ids, parents, positions))])
+
+    @torch.inference_mode()
+    def run(self, hidden: torch.Tensor, plans: Sequence[PartPlan]) -> torch.Tensor:
+        """One forward pass over the rows of several requests, packed in plan order. Projections and
+        MLP run over all rows at once (on a CPU their cost is reading the weights, whatever the
+        rows); attention reads each request's own cache only (block-diagonal masks)."""
+        for plan in plans:
+            plan.part.cache.reserve(len(plan.part.node_ids))
+        if len(plans) == 1:
+            masks = {t: m[None, None] for t, m in plans[0].masks.items()}
+            cache: TreeKVCache | PackedCaches = plans[0].part.cache
+        else:
+            masks = {t: torch.block_diag(*[p.masks[t] for p in plans])[None, None] for t in plans[0].masks}
+            cache = PackedCaches([p.part.cache for p in plans], [len(p.part.node_ids) for p in plans])
         x = hidden.to(self.dtype)[None]
-        position_ids = position_tensor[None]
+        position_ids = torch.cat([p.positions for p in plans])[None]
         if self.rotary_per_type:
             rotations = {t: self.rotary(x, position_ids, t) for t in set(self.layer_types)}
         else:
@@ -138,11 +167,32 @@ class LayerWindow(nn.Module):
                 position_ids=position_ids,
                 past_key_values=cache,
             )
-        if commit:
-            cache.append_committed(len(node_ids))
-        else:
-            cache.add_tree_rows(node_ids, positions, tree_rows)
+        for plan in plans:
+            part = plan.part
+            if part.commit:
+                part.cache.append_committed(len(part.node_ids))
+            else:
+                part.cache.add_tree_rows(part.node_ids, part.positions, plan.tree_rows)
         return x[0]
+
+
+class PackedCaches:
+    """Several requests' caches seen as one by the HF attention modules: each request's new keys
+    and values go into its own cache, and attention gets every request's keys side by side (the
+    block-diagonal mask keeps requests apart)."""
+
+    def __init__(self, caches: Sequence[TreeKVCache], rows: Sequence[int]) -> None:
+        self.caches = caches
+        self.rows = rows
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values, start = [], [], 0
+        for cache, rows in zip(self.caches, self.rows):
+            k, v = cache.update(key[:, :, start : start + rows], value[:, :, start : start + rows], layer_idx)
+            keys.append(k)
+            values.append(v)
+            start += rows
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
 
 
 def _skeleton(config: PretrainedConfig) -> nn.Module:

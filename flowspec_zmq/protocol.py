@@ -77,6 +77,29 @@ class Segment:
         return Segment(self.request_id, self.seq, self.commit, self.node_ids, self.parents, self.positions, hidden)
 
 
+MAX_PARTS = 64  # requests in one batch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Segments of several requests that every stage runs in one forward pass. Each part keeps its
+    own request id, KV cache and tree; a stage returns the parts it computed as one batch."""
+
+    kind: ClassVar[str] = "batch"
+    parts: tuple[Segment, ...]
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.parts) <= MAX_PARTS:
+            raise ProtocolError(f"a batch carries 1 to {MAX_PARTS} segments, not {len(self.parts)}")
+        ids = [part.request_id for part in self.parts]
+        if len(set(ids)) != len(ids):
+            raise ProtocolError(f"a batch carries one segment per request; requests {ids} repeat")
+
+    @property
+    def request_id(self) -> int:  # for logs and traces: the batch's first request
+        return self.parts[0].request_id
+
+
 @dataclass(frozen=True)
 class Prune:
     """Verification outcome: `accepted` node rows join the committed prefix (in this order), the
@@ -107,7 +130,7 @@ class StageError:
     reason: str
 
 
-Message = Segment | Prune | Release | StageError
+Message = Segment | Batch | Prune | Release | StageError
 
 
 def _ints(header: dict[str, Any], key: str, *, limit: int = MAX_ROWS) -> tuple[int, ...]:
@@ -154,22 +177,36 @@ def _frame_to_tensor(frame: memoryview | bytes, dtype_name: Any, shape: Any) -> 
         return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
+def _tensor_spec(tensor: torch.Tensor) -> list:
+    return [DTYPE_NAMES[tensor.dtype], list(tensor.shape)]
+
+
+def _segment_fields(segment: Segment) -> dict[str, Any]:
+    return {"seq": segment.seq, "commit": segment.commit, "ids": list(segment.node_ids),
+            "parents": list(segment.parents), "pos": list(segment.positions)}
+
+
+def _segment(fields: dict[str, Any], request_id: int, spec: Any, frame: memoryview) -> Segment:
+    if type(fields.get("commit")) is not bool:
+        raise ProtocolError("a segment needs a boolean 'commit'")
+    if not isinstance(spec, list) or len(spec) != 2:
+        raise ProtocolError("tensor spec must be [dtype, shape]")
+    return Segment(request_id, _int(fields, "seq"), fields["commit"], _ints(fields, "ids"), _ints(fields, "parents"),
+                   _ints(fields, "pos"), _frame_to_tensor(frame, spec[0], spec[1]))
+
+
 def encode(message: Message) -> list[bytes | memoryview]:
     """Message -> multipart frames (header first)."""
     header: dict[str, Any] = {"v": SCHEMA_VERSION, "kind": message.kind, "req": message.request_id}
     frames: list[bytes | memoryview] = []
     match message:
         case Segment():
-            hidden = message.hidden
-            header.update(
-                seq=message.seq,
-                commit=message.commit,
-                ids=list(message.node_ids),
-                parents=list(message.parents),
-                pos=list(message.positions),
-                tensors=[[DTYPE_NAMES[hidden.dtype], list(hidden.shape)]],
-            )
-            frames.append(_tensor_to_frame(hidden))
+            header.update(_segment_fields(message), tensors=[_tensor_spec(message.hidden)])
+            frames.append(_tensor_to_frame(message.hidden))
+        case Batch():
+            header.update(parts=[{"req": part.request_id, **_segment_fields(part)} for part in message.parts],
+                          tensors=[_tensor_spec(part.hidden) for part in message.parts])
+            frames += [_tensor_to_frame(part.hidden) for part in message.parts]
         case Prune():
             header.update(version=message.version, accepted=list(message.accepted), survivors=list(message.survivors))
         case Release():
@@ -209,21 +246,15 @@ def decode(frames: Sequence[bytes | memoryview | Any]) -> Message:
     if not isinstance(tensor_specs, list) or len(tensor_specs) != len(buffers) - 1:
         raise ProtocolError(f"header describes {tensor_specs!r} tensors but {len(buffers) - 1} frames follow")
     if kind == "segment":
-        if type(header.get("commit")) is not bool or len(tensor_specs) != 1:
-            raise ProtocolError("segment needs a boolean 'commit' and exactly one tensor")
-        spec = tensor_specs[0]
-        if not isinstance(spec, list) or len(spec) != 2:
-            raise ProtocolError("tensor spec must be [dtype, shape]")
-        hidden = _frame_to_tensor(buffers[1], spec[0], spec[1])
-        return Segment(
-            request_id,
-            _int(header, "seq"),
-            header["commit"],
-            _ints(header, "ids"),
-            _ints(header, "parents"),
-            _ints(header, "pos"),
-            hidden,
-        )
+        if len(tensor_specs) != 1:
+            raise ProtocolError("a segment carries exactly one tensor")
+        return _segment(header, request_id, tensor_specs[0], buffers[1])
+    if kind == "batch":
+        parts = header.get("parts")
+        if not isinstance(parts, list) or len(parts) != len(tensor_specs) or not all(isinstance(p, dict) for p in parts):
+            raise ProtocolError("a batch needs a list of part maps, one per tensor")
+        return Batch(tuple(_segment(part, _int(part, "req"), spec, frame)
+                           for part, spec, frame in zip(parts, tensor_specs, buffers[1:])))
     if tensor_specs:
         raise ProtocolError(f"a {kind!r} message carries no tensors")
     if kind == "prune":

@@ -64,8 +64,11 @@ class ServiceConfig:
     progress_timeout_s: float = 20.0  # ring silence (segments in flight, nothing back) that counts as a failure
     dead_after_s: float = 3.0  # a stage without heartbeats this long is dead
     hung_after_s: float = 120.0  # a stage busy with one computation this long is hung
-    max_queued_requests: int = 64  # waiting requests beyond the running one; more get "queue full"
+    max_requests: int = 8  # requests decoding at once, sharing the ring (continuous batching)
+    max_batch_rows: int = 48  # rows of all requests in one ring message
+    max_queued_requests: int = 64  # waiting requests beyond the running ones; more get "queue full"
     max_open_caches: int = 64  # request KV caches a stage keeps at once (least recently used evicted)
+    max_kv_mb: int = 2048  # a stage's KV caches together; the head admits requests within it
     restart_limit: int = 5  # deaths of one node within restart_window_s that `flowspec launch` tolerates
     restart_window_s: float = 300.0
     restart_backoff_s: float = 0.5  # first restart delay; doubles per recent death, at most 30 s

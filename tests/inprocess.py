@@ -22,7 +22,7 @@ from flowspec_zmq.head_node import HeadNode
 from flowspec_zmq.model_slices import HeadModel, load_config, load_layer_window
 from flowspec_zmq.models import eos_ids
 from flowspec_zmq.protocol import Message, Prune
-from flowspec_zmq.scheduler import GenerationRequest, GenerationStats, HeadWorkers, Scheduler
+from flowspec_zmq.scheduler import FlightPlan, GenerationRequest, GenerationStats, HeadWorkers, Scheduler
 from flowspec_zmq.sampling import SamplingParams
 from flowspec_zmq.stage_node import StageNode
 from flowspec_zmq.strategies import Mode, make_strategy
@@ -53,6 +53,7 @@ class InProcessRing:
     returns: asyncio.Queue
     workers: HeadWorkers
     prunes: int = 0  # prune messages the head has sent so far
+    scheduler: Scheduler | None = None
 
     async def send(self, message: Message) -> None:
         self.prunes += isinstance(message, Prune)
@@ -61,17 +62,20 @@ class InProcessRing:
     async def generate(
         self, prompt_ids: list[int], draft: DraftSource | None, mode: Mode, max_new_tokens: int,
         shape: TreeShape = TreeShape(depth=4, top_k=3, total_tokens=16, width=3), segment_size: int = 6,
-        request_id: int = 1,
+        request_id: int = 1, sampling: SamplingParams = SamplingParams(),
     ) -> GenerationStats:
+        """One request on the ring's scheduler (requests run concurrently share it)."""
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self.head, self.send, self.returns.get, MAX_CONTEXT, self.workers,
+                                       Tracer("head", None), len(self.stages))
         strategy = make_strategy(mode, len(self.stages), segment_size, shape.top_k)
-        scheduler = Scheduler(self.head, draft, strategy, shape, self.send, self.returns.get, MAX_CONTEXT, 32,
-                              self.workers, Tracer("head", None))
-        request = GenerationRequest(tuple(prompt_ids), max_new_tokens, SamplingParams(), frozenset())
+        plan = FlightPlan(strategy, shape, draft if strategy.uses_draft else None, 32)
+        request = GenerationRequest(tuple(prompt_ids), max_new_tokens, sampling, frozenset())
 
         async def ignore(_: list[int]) -> None:
             pass
 
-        return await scheduler.generate(request_id, request, ignore)
+        return await self.scheduler.generate(request_id, request, plan, ignore)
 
     async def receive(self) -> Message:  # the head's side of the ring, as a RingLink
         return await self.returns.get()

@@ -61,7 +61,7 @@ class Forward:
         self.committed_rows.extend(self._row(kv, i) for i in range(rows))
 
     def tree(self, node_ids: list[int], parents: list[int], positions: list[int]) -> torch.Tensor:
-        rows = self.cache.tree_rows_for(node_ids, parents)  # before the forward, as the window does
+        rows = self.cache.tree_rows_for(node_ids, parents, positions)  # before the forward, as the window does
         kv = self._write(len(node_ids))
         self.cache.add_tree_rows(node_ids, positions, rows)
         for i, (node, parent, position) in enumerate(zip(node_ids, parents, positions)):
@@ -138,7 +138,7 @@ def test_tree_rows_for_parents_in_segment_in_tree_and_root() -> None:
         [True, True, True],
     ]
     # Segment 2: 3 below 1 (a live tree row), 4 below 3 (same segment), 6 below -1 (the prefix).
-    rows = f.cache.tree_rows_for([3, 4, 6], [1, 3, -1])
+    rows = f.cache.tree_rows_for([3, 4, 6], [1, 3, -1], [4, 5, 2])
     assert rows.tolist() == [
         [True, True, False, True, False, False],
         [True, True, False, True, True, False],
@@ -362,7 +362,7 @@ def test_a_cache_grown_during_a_forward_can_still_be_pruned_outside_it():
         kv = torch.randn(1, 1, 6, 4)
         cache.update(kv, kv, 0)
         ids = [1, 2, 3, 4, 5, 6]
-        cache.add_tree_rows(ids, [0, 0, 1, 2, 3, 4], cache.tree_rows_for(ids, [-1, -1, 2, 3, 4, 5]))
+        cache.add_tree_rows(ids, [0, 0, 1, 2, 3, 4], cache.tree_rows_for(ids, [-1, -1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 4]))
     cache.prune([2, 3], [4])  # the second branch is accepted: its rows move to the front
     assert cache.committed == 2 and cache.node_ids == [4]
     assert torch.equal(cache.keys[0][0, 0, :3], kv[0, 0, 1:4])

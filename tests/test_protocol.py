@@ -599,3 +599,52 @@ def test_fuzz_control_frames(frame: bytes) -> None:
     except ProtocolError:
         return
     assert isinstance(message, (NodeReady, Heartbeat))
+
+
+# -- batches of several requests' segments ---------------------------------------------------------
+
+
+@FAST
+@given(st.lists(segments(), min_size=1, max_size=5, unique_by=lambda s: s.request_id), st.booleans())
+def test_batch_round_trip(parts: list[Segment], over_wire: bool) -> None:
+    batch = protocol.Batch(tuple(parts))
+    frames = encode(batch)
+    assert len(frames) == 1 + len(parts)
+    got = decode(as_wire(frames) if over_wire else frames)
+    assert isinstance(got, protocol.Batch) and len(got.parts) == len(parts)
+    for got_part, part in zip(got.parts, parts):
+        assert_same_segment(got_part, part)
+
+
+def batch_header(**changes) -> dict:
+    part = {"req": 4, "seq": 1, "commit": False, "ids": [7], "parents": [-1], "pos": [3]}
+    header = {"v": SCHEMA_VERSION, "kind": "batch", "req": 4, "parts": [part], "tensors": [["float32", [1, 2]]]}
+    return {**header, **changes}
+
+
+def test_hand_built_batch_decodes() -> None:
+    got = decode([msgpack.packb(batch_header()), bytes(8)])
+    assert isinstance(got, protocol.Batch) and got.parts[0].request_id == 4 and got.parts[0].node_ids == (7,)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"parts": []}, "part maps"),
+    ({"parts": "x"}, "part maps"),
+    ({"parts": [7]}, "part maps"),
+    ({"parts": [{"req": 4, "seq": 1, "commit": 1, "ids": [7], "parents": [-1], "pos": [3]}]}, "commit"),
+    ({"parts": [{"req": -4, "seq": 1, "commit": False, "ids": [7], "parents": [-1], "pos": [3]}]}, "req"),
+])
+def test_malformed_batch_rejected(changes: dict, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        decode([msgpack.packb(batch_header(**changes)), bytes(8)])
+
+
+def test_batch_repeating_a_request_or_empty_rejected() -> None:
+    part = Segment(4, 1, False, (7,), (-1,), (3,), torch.zeros(1, 2))
+    with pytest.raises(ProtocolError, match="repeat"):
+        protocol.Batch((part, part))
+    with pytest.raises(ProtocolError, match="1 to"):
+        protocol.Batch(())
+    two = batch_header(parts=batch_header()["parts"] * 2, tensors=[["float32", [1, 2]]] * 2)
+    with pytest.raises(ProtocolError, match="repeat"):
+        decode([msgpack.packb(two), bytes(8), bytes(8)])
