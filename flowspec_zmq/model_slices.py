@@ -148,10 +148,10 @@ class LayerWindow(nn.Module):
             plan.part.cache.reserve(len(plan.part.node_ids))
         if len(plans) == 1:
             masks = {t: m[None, None] for t, m in plans[0].masks.items()}
-            cache: TreeKVCache | PackedCaches = plans[0].part.cache
+            kv: TreeKVCache | PackedCaches = plans[0].part.cache
         else:
             masks = {t: torch.block_diag(*[p.masks[t] for p in plans])[None, None] for t in plans[0].masks}
-            cache = PackedCaches([p.part.cache for p in plans], [len(p.part.node_ids) for p in plans])
+            kv = PackedCaches([p.part.cache for p in plans], [len(p.part.node_ids) for p in plans])
         x = hidden.to(self.dtype)[None]
         position_ids = torch.cat([p.positions for p in plans])[None]
         if self.rotary_per_type:
@@ -165,7 +165,7 @@ class LayerWindow(nn.Module):
                 attention_mask=masks[layer_type],
                 position_embeddings=rotations[layer_type],
                 position_ids=position_ids,
-                past_key_values=cache,
+                past_key_values=kv,
             )
         for plan in plans:
             part = plan.part
@@ -187,8 +187,8 @@ class PackedCaches:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values, start = [], [], 0
-        for cache, rows in zip(self.caches, self.rows):
-            k, v = cache.update(key[:, :, start : start + rows], value[:, :, start : start + rows], layer_idx)
+        for request_cache, rows in zip(self.caches, self.rows):
+            k, v = request_cache.update(key[:, :, start : start + rows], value[:, :, start : start + rows], layer_idx)
             keys.append(k)
             values.append(v)
             start += rows

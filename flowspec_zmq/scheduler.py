@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
-from .draft import DraftSource, DraftStep, Frontier, Proposals, TreeShape
+from .draft import DraftSource, DraftStep, Frontier, TreeShape
 from .model_slices import HeadModel
 from .protocol import Batch, Message, Prune, Release, Segment, StageError
 from .sampling import SamplingParams, pick_tokens
@@ -311,7 +311,7 @@ class Scheduler:
 
     def _route(self, message: Message) -> None:
         match message:
-            case StageError(request_id=ANY_REQUEST):
+            case StageError() if message.request_id == ANY_REQUEST:
                 for flight in list(self.flights.values()):
                     self._leave(flight, StageFailure(f"{message.node}: {message.reason}", flight.stats.tokens))
             case StageError():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -21,7 +21,7 @@ from flowspec_zmq.engine import HeadEngine, RingHealth
 from flowspec_zmq.head_node import HeadNode
 from flowspec_zmq.model_slices import HeadModel, load_config, load_layer_window
 from flowspec_zmq.models import eos_ids
-from flowspec_zmq.protocol import Message, Prune
+from flowspec_zmq.protocol import Batch, Message, Prune
 from flowspec_zmq.scheduler import FlightPlan, GenerationRequest, GenerationStats, HeadWorkers, Scheduler
 from flowspec_zmq.sampling import SamplingParams
 from flowspec_zmq.stage_node import StageNode
@@ -53,10 +53,13 @@ class InProcessRing:
     returns: asyncio.Queue
     workers: HeadWorkers
     prunes: int = 0  # prune messages the head has sent so far
+    batch_sizes: list[int] = field(default_factory=list)  # requests in each batched message the head sent
     scheduler: Scheduler | None = None
 
     async def send(self, message: Message) -> None:
         self.prunes += isinstance(message, Prune)
+        if isinstance(message, Batch):
+            self.batch_sizes.append(len(message.parts))
         await self.first.put(message)
 
     async def generate(

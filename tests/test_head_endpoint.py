@@ -40,23 +40,6 @@ asyncio.run(main())
 """
 
 
-async def test_concurrent_clients_are_all_served_in_arrival_order(served, reference):
-    _, address = served
-    jobs = [(PROMPTS[sorted(PROMPTS)[i % 2]], 6 + i, MODES[i % 4]) for i in range(8)]
-    finished: list[int] = []
-
-    async def one(i: int, prompt: str, tokens: int, mode: str) -> list[int]:
-        await asyncio.sleep(0.05 * i)  # fixes the arrival order
-        completion = await Client(address).complete(prompt, max_new_tokens=tokens, mode=mode)
-        finished.append(i)
-        return completion.ids
-
-    results = await asyncio.gather(*(one(i, *job) for i, job in enumerate(jobs)))
-    for (prompt, tokens, _), ids in zip(jobs, results):
-        assert ids == reference(prompt, 20)[:tokens]
-    assert finished == list(range(8))
-
-
 async def test_cancelled_stream_frees_the_head(served, reference, caplog):
     _, address = served
     caplog.set_level(logging.INFO)

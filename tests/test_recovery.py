@@ -77,3 +77,33 @@ def test_unrecoverable_failure_reports_the_node_and_keeps_tokens(tmp_path, refer
         assert failure.value.ids == ids and ids
         assert ids == reference(PROMPTS["code"], NEW_TOKENS)[: len(ids)]
         cluster.nodes.pop("stage2")  # it is gone for good; stop() handles the others
+
+
+async def eight_clients_one_kill(cluster: LocalCluster, victim: str) -> list[tuple[list[int], dict]]:
+    killed = asyncio.Event()
+
+    async def one(i: int) -> tuple[list[int], dict]:
+        ids: list[int] = []
+        stats: dict = {}
+        prompt = PROMPTS[sorted(PROMPTS)[i % 2]]
+        async for event in Client(client_address(cluster)).events(prompt, max_new_tokens=NEW_TOKENS - i,
+                                                                  mode=("ar", "flowspec")[i % 2]):
+            if event["event"] == "tokens":
+                ids.extend(event["ids"])
+                if i == 0 and len(ids) >= 4 and not killed.is_set():
+                    os.kill(cluster.nodes[victim].process.pid, signal.SIGKILL)
+                    killed.set()
+            elif event["event"] == "done":
+                stats = event["stats"]
+        return ids, stats
+
+    results = await asyncio.gather(*(one(i) for i in range(8)))
+    assert killed.is_set(), "the generations ended before the stage could be killed"
+    return results
+
+
+def test_killed_stage_while_eight_requests_run_recovers_all_eight(supervised_ring, reference):
+    results = asyncio.run(eight_clients_one_kill(supervised_ring, "stage2"))
+    for i, (ids, stats) in enumerate(results):
+        assert ids == reference(PROMPTS[sorted(PROMPTS)[i % 2]], NEW_TOKENS)[: NEW_TOKENS - i]
+    assert results[0][1]["recoveries"] >= 1  # at least the request running when the stage died
