@@ -149,9 +149,10 @@ def test_a_chat_template_that_raises_is_a_clear_request_error(model_dir):
 
 async def test_a_full_queue_refuses_at_once(head, three_stages, drafts, model_dir, tokenizer, reference):
     async with in_process_ring(head, three_stages) as ring, \
-            in_process_head(ring, model_dir, tokenizer, drafts, ServiceConfig(max_queued_requests=1)) as (_, address):
+            in_process_head(ring, model_dir, tokenizer, drafts,
+                            ServiceConfig(max_requests=1, max_queued_requests=1)) as (_, address):
         running = Client(address).stream(PROMPTS["story"], max_new_tokens=60, mode="ar")
-        await anext(running)  # the first request runs now
+        await anext(running)  # the first request runs now, in the only slot
         queued = asyncio.create_task(Client(address).complete(PROMPTS["code"], max_new_tokens=4))
         await asyncio.sleep(0.3)
         with pytest.raises(GenerationFailed, match="busy: 1 requests are waiting") as failure:
