@@ -99,6 +99,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .status import status_view
+
+    info = asyncio.run(_client(args).info())  # nothing answering: GenerationFailed, one line and exit 1
+    Console().print(status_view(info))
+    return 0 if info["health"]["ok"] else 1
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -235,6 +245,11 @@ def _dispatch(argv: list[str]) -> int:
     generate.add_argument("prompt")
     _add_options(generate)
     generate.set_defaults(run=cmd_generate)
+
+    status = commands.add_parser("status", help="every node's host, layers, health, memory and last heartbeat")
+    status.add_argument("--address", help=f"the head's client address (default: from the topology, else {DEFAULT_ADDRESS})")
+    status.add_argument("--topology", type=Path, help="topology file (default: the repo's topology.toml)")
+    status.set_defaults(run=cmd_status)
 
     chat = commands.add_parser("chat", help="multi-turn chat with a running head")
     _add_options(chat)

@@ -34,8 +34,9 @@ from .models import eos_ids
 from .protocol import Message, StageError
 from .scheduler import ANY_REQUEST, GenerationError, GenerationStats, RequestRejected, RingDown
 from .security import Keys
+from .status import node_status
 from .stops import StopScanner
-from .topology import DecodingConfig, ServiceConfig, TopologyError, override_decoding
+from .topology import DecodingConfig, ServiceConfig, Topology, TopologyError, override_decoding
 from .trace import tracer_from_env
 from .transport import RingLink, receive_frames
 
@@ -108,8 +109,11 @@ class HeadNode:
         drafts: dict[tuple[str, int], DraftSource],
         service: ServiceConfig,
         kv_budget: KVBudget | None = None,
+        topology: Topology | None = None,  # where the nodes run, for `flowspec status`
     ) -> None:
         self.name = name
+        self.topology = topology
+        self.num_layers = head.num_layers
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.link = link
@@ -234,7 +238,8 @@ class HeadNode:
                     self._cancel(job.identity, job.request.id, "its client went away")
 
     def info(self) -> dict[str, Any]:
-        """What the head serves, whether every stage is alive, and its counters (for /health, /metrics)."""
+        """What the head serves, whether every stage is alive, and its counters (for /health, /metrics and
+        `flowspec status`)."""
         now = time.monotonic()
         seen = {name: (now - at if (at := self.watchdog.last_seen.get(name)) is not None else None)
                 for name in self.watchdog.stages}
@@ -243,6 +248,7 @@ class HeadNode:
         return {"model": str(self.model_dir), "stages": self.num_stages, "max_context": self.max_context,
                 "defaults": asdict(self.defaults),
                 "health": {"ok": problem is None, "problem": problem, "last_heartbeat_s": seen},
+                "nodes": node_status(self.name, self.watchdog, self.topology, self.num_layers),
                 "metrics": {**asdict(self.metrics), "queued": len(self.jobs), "running": len(self.serving)}}
 
     async def _serve(self) -> None:

@@ -11,16 +11,21 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import zmq
 import zmq.asyncio
 
+from .memory import resident_mb
 from .protocol import Heartbeat, NodeReady, ProtocolError, decode_control, encode_control
 from .security import Keys
 
 HEARTBEAT_S = 0.5
 READY_ENV = "FLOWSPEC_READY"  # where the launcher that started this process listens for NodeReady
+# A stage as the head sees it: "starting" has sent nothing yet but may still be loading its weights
+# (Watchdog.startup_grace_s); "silent" sent nothing for dead_after_s; "hung" is in one computation
+# for longer than hung_after_s.
+Health = Literal["ok", "starting", "never seen", "silent", "hung"]
 
 
 def announce_ready(context: zmq.Context, node: str) -> None:
@@ -47,11 +52,13 @@ async def send_heartbeats(
     socket.setsockopt(zmq.SNDHWM, 4)  # stale heartbeats are worthless: never queue many
     socket.connect(address)
     # Tells the head when a node came back as a new process (its KV caches are gone).
-    incarnation = f"{os.getpid()}-{time.time_ns()}"
+    pid = os.getpid()
+    incarnation = f"{pid}-{time.time_ns()}"
     try:
         while True:
             try:
-                socket.send(encode_control(Heartbeat(node, busy_for(), incarnation)), zmq.NOBLOCK)
+                beat = Heartbeat(node, busy_for(), incarnation, resident_mb(pid))  # /proc read: microseconds
+                socket.send(encode_control(beat), zmq.NOBLOCK)
             except zmq.Again:  # the head is away; the next beat will try again
                 pass
             await asyncio.sleep(HEARTBEAT_S)
@@ -70,6 +77,7 @@ class Watchdog:
     started: float = field(default_factory=time.monotonic)
     last_seen: dict[str, float] = field(default_factory=dict)
     busy_s: dict[str, float] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)
     incarnations: dict[str, str] = field(default_factory=dict)
     restarts: int = 0  # how many times any stage came back as a new process
     last_restarted: str = ""
@@ -87,17 +95,26 @@ class Watchdog:
         self.incarnations[beat.node] = beat.incarnation
         self.last_seen[beat.node] = time.monotonic()
         self.busy_s[beat.node] = beat.busy_s
+        self.rss_mb[beat.node] = beat.rss_mb
+
+    def health(self, node: str) -> Health:
+        now = time.monotonic()
+        seen = self.last_seen.get(node)
+        if seen is None:
+            return "never seen" if now - self.started > self.startup_grace_s else "starting"
+        if now - seen > self.dead_after_s:
+            return "silent"
+        return "hung" if self.busy_s.get(node, 0.0) > self.hung_after_s else "ok"
 
     def problem(self) -> str | None:
         """A sentence naming the first stage that is dead or hung, or None."""
-        now = time.monotonic()
         for node in self.stages:
-            seen = self.last_seen.get(node)
-            if seen is None:
-                if now - self.started > self.startup_grace_s:
+            match self.health(node):
+                case "never seen":
                     return f"stage {node} has never sent a heartbeat"
-            elif now - seen > self.dead_after_s:
-                return f"stage {node} is not responding (no heartbeat for {now - seen:.1f} s)"
-            elif self.busy_s.get(node, 0.0) > self.hung_after_s:
-                return f"stage {node} is hung (one computation running for {self.busy_s[node]:.0f} s)"
+                case "silent":
+                    silent_s = time.monotonic() - self.last_seen[node]
+                    return f"stage {node} is not responding (no heartbeat for {silent_s:.1f} s)"
+                case "hung":
+                    return f"stage {node} is hung (one computation running for {self.busy_s[node]:.0f} s)"
         return None

@@ -284,21 +284,23 @@ class NodeReady:
 @dataclass(frozen=True)
 class Heartbeat:
     """A stage is alive. `busy_s`: how long its current computation has run (0 when idle);
-    `incarnation`: which process it is (a new one has lost its KV caches)."""
+    `incarnation`: which process it is (a new one has lost its KV caches); `rss_mb`: its resident
+    memory (0 when it cannot be read), for `flowspec status`."""
 
     kind: ClassVar[str] = "heartbeat"
     node: str
     busy_s: float
     incarnation: str
+    rss_mb: float = 0.0
 
 
 ControlMessage = NodeReady | Heartbeat
 
 
-def _seconds(header: dict[str, Any], key: str) -> float:
+def _amount(header: dict[str, Any], key: str, unit: str) -> float:
     value = header.get(key)
     if type(value) not in (int, float) or not 0 <= value < math.inf:
-        raise ProtocolError(f"field {key!r} must be a finite number of seconds >= 0, got {value!r}")
+        raise ProtocolError(f"field {key!r} must be a finite number of {unit} >= 0, got {value!r}")
     return float(value)
 
 
@@ -320,6 +322,7 @@ def decode_control(frame: bytes | memoryview) -> ControlMessage:
         _only(header, "node", "pid")
         return NodeReady(_str(header, "node"), _int(header, "pid"))
     if kind == Heartbeat.kind:
-        _only(header, "node", "busy_s", "incarnation")
-        return Heartbeat(_str(header, "node"), _seconds(header, "busy_s"), _str(header, "incarnation"))
+        _only(header, "node", "busy_s", "incarnation", "rss_mb")
+        return Heartbeat(_str(header, "node"), _amount(header, "busy_s", "seconds"), _str(header, "incarnation"),
+                         _amount(header, "rss_mb", "MB"))
     raise ProtocolError(f"unknown control message kind {kind!r}")

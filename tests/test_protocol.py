@@ -508,7 +508,8 @@ def test_fuzz_mutated_valid_messages(message, data) -> None:
 
 ready_messages = st.builds(NodeReady, node=st.text(max_size=40), pid=st.integers(0, 2**22))
 heartbeats = st.builds(
-    Heartbeat, node=st.text(max_size=40), busy_s=st.floats(0, 1e6), incarnation=st.text(max_size=40)
+    Heartbeat, node=st.text(max_size=40), busy_s=st.floats(0, 1e6), incarnation=st.text(max_size=40),
+    rss_mb=st.floats(0, 1e7),
 )
 
 
@@ -520,7 +521,8 @@ def test_node_control_messages_round_trip(message) -> None:
 
 
 def heartbeat_header(**overrides) -> dict:
-    return {"v": SCHEMA_VERSION, "kind": "heartbeat", "node": "stage1", "busy_s": 0.25, "incarnation": "7-1", **overrides}
+    return {"v": SCHEMA_VERSION, "kind": "heartbeat", "node": "stage1", "busy_s": 0.25, "incarnation": "7-1",
+            "rss_mb": 512.5, **overrides}
 
 
 def control_rejected(frame: bytes, match: str) -> None:
@@ -529,7 +531,8 @@ def control_rejected(frame: bytes, match: str) -> None:
 
 
 def test_hand_built_control_headers_decode() -> None:
-    assert decode_control(msgpack.packb(heartbeat_header(busy_s=0))) == Heartbeat("stage1", 0.0, "7-1")
+    assert decode_control(msgpack.packb(heartbeat_header(busy_s=0))) == Heartbeat("stage1", 0.0, "7-1", 512.5)
+    assert decode_control(msgpack.packb(heartbeat_header(rss_mb=300))) == Heartbeat("stage1", 0.25, "7-1", 300.0)
     ready = {"v": SCHEMA_VERSION, "kind": "ready", "node": "head", "pid": 4242}
     assert decode_control(msgpack.packb(ready)) == NodeReady("head", 4242)
 
@@ -560,6 +563,7 @@ def test_ring_message_is_not_a_control_message() -> None:
         ("incarnation", 7, "incarnation"),
         ("busy_s", -0.5, "busy_s"), ("busy_s", float("nan"), "busy_s"), ("busy_s", float("inf"), "busy_s"),
         ("busy_s", "0", "busy_s"), ("busy_s", True, "busy_s"), ("busy_s", None, "busy_s"),
+        ("rss_mb", -1, "rss_mb"), ("rss_mb", float("inf"), "rss_mb"), ("rss_mb", "512", "rss_mb"),
         ("extra", 1, "unexpected fields"),
     ],
 )
@@ -572,7 +576,7 @@ def test_ready_pid_validated(pid) -> None:
     control_rejected(msgpack.packb({"v": SCHEMA_VERSION, "kind": "ready", "node": "head", "pid": pid}), "pid")
 
 
-@pytest.mark.parametrize("missing", ["node", "busy_s", "incarnation"])
+@pytest.mark.parametrize("missing", ["node", "busy_s", "incarnation", "rss_mb"])
 def test_heartbeat_missing_field_rejected(missing: str) -> None:
     header = heartbeat_header()
     del header[missing]
@@ -584,9 +588,9 @@ def test_oversized_control_message_rejected() -> None:
 
 
 control_headers = st.dictionaries(
-    st.sampled_from(["v", "kind", "node", "pid", "busy_s", "incarnation"]),
+    st.sampled_from(["v", "kind", "node", "pid", "busy_s", "incarnation", "rss_mb"]),
     st.one_of(msgpack_scalars, st.sampled_from([SCHEMA_VERSION, "ready", "heartbeat"])),
-    max_size=6,
+    max_size=7,
 )
 
 
