@@ -13,7 +13,8 @@ from flowspec_zmq.draft import make_draft_source
 from flowspec_zmq.head_node import HeadNode
 from flowspec_zmq.liveness import announce_ready
 from flowspec_zmq.memory import return_free_memory
-from flowspec_zmq.model_slices import load_head_model
+from flowspec_zmq.kv_budget import KVBudget
+from flowspec_zmq.model_slices import load_config, load_head_model
 from flowspec_zmq.protocol import DTYPES
 from flowspec_zmq.transport import RingLink, tcp
 
@@ -28,6 +29,7 @@ async def serve(topology_path: Path, name: str) -> None:
     log.info("loading tokenizer and head weights of %s", model_dir.name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     head = load_head_model(model_dir, DTYPES[topology.model.dtype])
+    config = load_config(model_dir)
     defaults = topology.decoding
     # Load the default draft before any socket exists: the event loop must never stall while
     # peers are connecting (their handshakes and first messages would wait on it).
@@ -44,6 +46,8 @@ async def serve(topology_path: Path, name: str) -> None:
         name, model_dir, head, tokenizer, link, tcp(node.host, node.client_port),
         tcp(node.host, node.control_port), context, tuple(s.name for s in topology.stages), keys, defaults,
         topology.model.max_context, topology.decoding.prefill_chunk, drafts, topology.service,
+        KVBudget.for_stages(config, topology.layer_windows(config.num_hidden_layers), head.dtype.itemsize,
+                            topology.service.max_kv_mb),
     )
     log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
     announce_ready(plain, name)

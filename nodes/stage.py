@@ -36,7 +36,8 @@ async def serve(topology_path: Path, name: str) -> None:
     )
     stage = StageNode(name, window, link, is_last=next_hop.role == "head", max_context=topology.model.max_context,
                       tracer=tracer_from_env(name), profile=node.profile,
-                      max_open_caches=topology.service.max_open_caches)
+                      max_open_caches=topology.service.max_open_caches,
+                      max_kv_bytes=topology.service.max_kv_mb << 20)
     log.info("ready: listening on %s, sending to %s", tcp(node.host, node.port), next_hop.name)
     announce_ready(plain, name)
     head = topology.head

@@ -101,20 +101,31 @@ def test_smoke_run_every_mode_agrees_and_reports_every_field(tmp_path):
                        "[link]\nbandwidth_mbps = 150\ndelay_ms = 1\n")
     out = tmp_path / "out"
     code = main(["--model", TEST_MODEL, "--stages", "2", "--prompts", str(prompts), "--max-new-tokens", "8",
-                 "--warmup-tokens", "2", "--profile", str(profile), "--gantt-seconds", "0.5", "--out", str(out)])
+                 "--warmup-tokens", "2", "--profile", str(profile), "--gantt-seconds", "0.5", "--clients", "2",
+                 "--out", str(out)])
     report = json.loads((out / "bench.json").read_text())
     assert code == 0 and report["agree"] and report["error"] is None
-    (config,) = report["configs"]
-    assert config["mismatches"] == [] and len(config["runs"]) == 8
-    assert set(config["modes"]) == {"ar", "tree", "specpipe", "flowspec"}
-    for figures in config["modes"].values():
-        for key in ("tokens_per_s", "speedup", "tbt_mean_ms", "tbt_p90_ms", "accepted_per_verification",
-                    "bytes_per_token", "rows_per_token", "vs_tree", "utilisation", "head_ms_per_verification", "head_busy",
-                    "ring_busy", "head_alone"):
-            assert key in figures, key
-        assert set(figures["utilisation"]) == {"stage1", "stage2"}
-    assert config["modes"]["ar"]["speedup"] == 1.0
-    assert len(config["stage_profiles"]) == 2 and config["pace_overruns"]["segments"] > 0
-    assert (out / "summary.md").read_text().count("\n|") >= 5
+    alone, together = report["configs"]  # one at a time (the baseline), then two clients at once
+    assert (alone["clients"], together["clients"]) == (1, 2)
+    for config in (alone, together):
+        assert config["mismatches"] == [] and len(config["runs"]) == 8
+        assert set(config["modes"]) == {"ar", "tree", "specpipe", "flowspec"}
+        for figures in config["modes"].values():
+            for key in ("tokens_per_s", "speedup", "tbt_mean_ms", "tbt_p90_ms", "accepted_per_verification",
+                        "bytes_per_token", "rows_per_token", "vs_tree", "utilisation", "head_ms_per_verification",
+                        "head_busy", "ring_busy", "head_alone", "aggregate_tokens_per_s", "tbt_p50_ms", "ttft_p90_ms",
+                        "aggregate_vs_ar"):
+                assert key in figures, key
+            assert set(figures["utilisation"]) == {"stage1", "stage2"}
+            assert figures["ttft_p50_ms"] > 0
+        assert config["modes"]["ar"]["speedup"] == 1.0
+        assert len(config["stage_profiles"]) == 2 and config["pace_overruns"]["segments"] > 0
+    assert all(m["vs_one_at_a_time"] == 1.0 for m in alone["modes"].values())
+    assert all(m["vs_one_at_a_time"] > 0 for m in together["modes"].values())
+    # The two clients really overlapped: some request started before another one ended.
+    runs = sorted(together["runs"], key=lambda r: r["start"])
+    assert any(b["start"] < a["end"] for a, b in zip(runs, runs[1:]) if a["mode"] == b["mode"])
+    assert (out / "summary.md").read_text().count("\n|") >= 2 * 8 + 4
     if importlib.util.find_spec("matplotlib"):
-        assert {p.rsplit("/", 1)[-1] for p in report["plots"]} == {"speedup.png", "timeline_2stages.png"}
+        assert {p.rsplit("/", 1)[-1] for p in report["plots"]} == {
+            "speedup.png", "clients.png", "timeline_2stages_1clients.png", "timeline_2stages_2clients.png"}

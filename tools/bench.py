@@ -17,6 +17,11 @@ this machine's cores. `--profile none` runs unpaced at this machine's real speed
     flowspec bench --stages 2,4,6,8 --prompts-per-config 4 --max-new-tokens 32
     flowspec bench --prompt-lengths 64,256,512 --prompts-per-config 4
     flowspec bench --profile none                    # real, unpaced
+    flowspec bench --clients 1,2,4,8                 # concurrent clients sharing the ring (batching)
+
+With `--clients N` (N > 1) N clients send the same prompts at once, each taking the next prompt when
+its last one is answered: the aggregate tokens/s, time between tokens and time to first token are
+set beside the same configuration's one-at-a-time run (`--clients 1`, also measured).
 
 Writes OUT/bench.json, OUT/summary.md, OUT/speedup.png and OUT/timeline_<config>.png.
 """
@@ -24,6 +29,7 @@ Writes OUT/bench.json, OUT/summary.md, OUT/speedup.png and OUT/timeline_<config>
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import os
@@ -31,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import uvloop
@@ -73,6 +79,7 @@ class Config:
     name: str
     stages: int
     prompt_length: int | None  # None: the prompts as written
+    clients: int = 1  # requests in flight at once
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,19 @@ def start_cluster(topology_path: Path, folder: Path, head_threads: int | None, s
     return cluster
 
 
-async def measure(address: str, settings: Settings, prompts: list[Prompt], prompt_ids: list[list[int]],
+async def request(client: Client, i: int, prompt: Prompt, ids: list[int], mode: str, tokens: int) -> RunRecord:
+    run = RunRecord(i, prompt.category, mode, len(ids), time.time(), 0.0)
+    async for event in client.events(prompt_ids=ids, mode=mode, max_new_tokens=tokens, temperature=0.0):
+        if event["event"] == "tokens" and event["ids"]:
+            run.first_token = run.first_token or time.time()
+            run.ids.extend(event["ids"])
+        elif event["event"] == "done":
+            run.stats = event["stats"]
+    run.end = time.time()
+    return run
+
+
+async def measure(address: str, settings: Settings, clients: int, prompts: list[Prompt], prompt_ids: list[list[int]],
                   progress: Progress, task) -> list[RunRecord]:
     client = Client(address)
     modes = list(settings.modes)
@@ -161,14 +180,24 @@ async def measure(address: str, settings: Settings, prompts: list[Prompt], promp
         await client.complete(prompt_ids=prompt_ids[0], mode=mode, max_new_tokens=settings.warmup_tokens, temperature=0.0)
         progress.advance(task)
     runs = []
-    for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
-        for mode in modes[i % len(modes):] + modes[: i % len(modes)]:
-            progress.update(task, description=f"prompt {i + 1}/{len(prompts)} ({prompt.category}), {mode}")
-            start = time.time()
-            completion = await client.complete(prompt_ids=ids, mode=mode, max_new_tokens=settings.max_new_tokens,
-                                               temperature=0.0)
-            runs.append(RunRecord(i, prompt.category, mode, len(ids), start, time.time(), completion.ids, completion.stats))
-            progress.advance(task)
+    if clients == 1:  # one at a time, the modes interleaved per prompt
+        for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids)):
+            for mode in modes[i % len(modes):] + modes[: i % len(modes)]:
+                progress.update(task, description=f"prompt {i + 1}/{len(prompts)} ({prompt.category}), {mode}")
+                runs.append(await request(client, i, prompt, ids, mode, settings.max_new_tokens))
+                progress.advance(task)
+        return runs
+    for mode in modes:  # every prompt of a mode through `clients` concurrent clients
+        progress.update(task, description=f"{clients} clients, {mode}")
+        waiting = list(enumerate(zip(prompts, prompt_ids)))
+
+        async def one_client() -> None:
+            while waiting:
+                i, (prompt, ids) = waiting.pop(0)
+                runs.append(await request(Client(address), i, prompt, ids, mode, settings.max_new_tokens))
+                progress.advance(task)
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
     return runs
 
 
@@ -185,14 +214,15 @@ def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num
     longest = max(map(len, prompt_ids)) + settings.max_new_tokens + settings.decoding.get("tree_depth", 8) + 16
     text = local_topology_toml(settings.model, config.stages, max_context=max(256, 64 * math.ceil(longest / 64)),
                                link=settings.link, profile=profiles, draft=settings.draft, temperature=0.0,
-                               **settings.decoding)
+                               service={"max_requests": config.clients}, **settings.decoding)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "topology.toml").write_text(text)
     task = progress.add_task(f"{config.name}: starting nodes", total=len(settings.modes) * (len(prompts) + 1))
     cluster = start_cluster(folder / "topology.toml", folder, settings.head_threads, settings.stage_threads)
     try:
         head = cluster.topology.head
-        runs = uvloop.run(measure(f"tcp://{head.host}:{head.client_port}", settings, prompts, prompt_ids, progress, task))
+        runs = uvloop.run(measure(f"tcp://{head.host}:{head.client_port}", settings, config.clients, prompts, prompt_ids,
+                                  progress, task))
         memory = {name: resident_mb(node.process.pid) for name, node in cluster.nodes.items()}
     finally:
         cluster.stop()
@@ -202,11 +232,27 @@ def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num
 
 
 def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
-    """tokens/s relative to `ar` (the speedup) and to `tree`; None where that mode did not run."""
-    for name, reference in (("speedup", "ar"), ("vs_tree", "tree")):
-        base = modes.get(reference, {}).get("tokens_per_s") or 0.0
+    """tokens/s relative to `ar` (the speedup) and to `tree`, aggregate tokens/s relative to `ar`'s;
+    None where that mode did not run."""
+    for name, key, reference in (("speedup", "tokens_per_s", "ar"), ("vs_tree", "tokens_per_s", "tree"),
+                                 ("aggregate_vs_ar", "aggregate_tokens_per_s", "ar")):
+        base = modes.get(reference, {}).get(key) or 0.0
         for figures in modes.values():
-            figures[name] = figures["tokens_per_s"] / base if base else None
+            figures[name] = figures.get(key, 0.0) / base if base else None
+
+
+def add_client_ratios(results: list[dict[str, Any]]) -> None:
+    """Each mode's aggregate tokens/s and TBT p90 relative to the same configuration served one
+    request at a time (its `clients` = 1 run)."""
+    alone = {(r["stages"], r["prompt_length"]): r for r in results if r.get("clients", 1) == 1}
+    for result in results:
+        base = alone.get((result["stages"], result["prompt_length"]))
+        for mode, figures in result["modes"].items():
+            single = base["modes"].get(mode) if base else None
+            figures["vs_one_at_a_time"] = (figures["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
+                                           if single and single.get("aggregate_tokens_per_s") else None)
+            figures["tbt_p90_vs_one_at_a_time"] = (figures["tbt_p90_ms"] / single["tbt_p90_ms"]
+                                                   if single and single.get("tbt_p90_ms") else None)
 
 
 def analyse(config: Config, settings: Settings, runs: list[RunRecord], profiles: list[DeviceProfile] | None,
@@ -264,20 +310,51 @@ HEADERS = ["config", "mode", *(h for h, _, _ in COLUMNS), "stage util % (min-max
            "head busy %", "head alone %"]
 
 
-def table(results: list[dict[str, Any]], title: str) -> Table:
+CLIENT_COLUMNS = (  # header, key, format: serving several clients at once against one at a time
+    ("agg tok/s", "aggregate_tokens_per_s", "{:.2f}"), ("x one at a time", "vs_one_at_a_time", "{:.2f}"),
+    ("x ar agg", "aggregate_vs_ar", "{:.2f}"), ("TBT p50 ms", "tbt_p50_ms", "{:.0f}"),
+    ("TBT p90 ms", "tbt_p90_ms", "{:.0f}"), ("TBT p90 x alone", "tbt_p90_vs_one_at_a_time", "{:.2f}"),
+    ("TTFT p50 ms", "ttft_p50_ms", "{:.0f}"), ("TTFT p90 ms", "ttft_p90_ms", "{:.0f}"),
+    ("acc/verif", "accepted_per_verification", "{:.2f}"),
+)
+CLIENT_HEADERS = ["config", "clients", "mode", *(h for h, _, _ in CLIENT_COLUMNS)]
+
+
+def client_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    return [[r["name"], str(r.get("clients", 1)), mode,
+             *("-" if m.get(key) is None else fmt.format(m[key]) for _, key, fmt in CLIENT_COLUMNS)]
+            for r in results for mode, m in r["modes"].items()]
+
+
+def table(results: list[dict[str, Any]], title: str, headers: list[str] = HEADERS,
+          cells: Callable[[list[dict[str, Any]]], list[list[str]]] = lambda rs: [c for r in rs for c in rows(r)]) -> Table:
     t = Table(title=title, box=box.SIMPLE_HEAVY)
-    for header in HEADERS:
+    for header in headers:
         t.add_column(header, justify="left" if header in ("config", "mode") else "right")
-    for result in results:
-        for i, cells in enumerate(rows(result)):
-            t.add_row(*cells, end_section=i == len(result["modes"]) - 1)
+    for row in cells(results):
+        t.add_row(*row)
     return t
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(HEADERS))) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for result in results for cells in rows(result)]
+def markdown(headers: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
+
+
+def serving_clients(results: list[dict[str, Any]]) -> bool:
+    return any(r.get("clients", 1) > 1 for r in results)
+
+
+def tables(results: list[dict[str, Any]], title: str, console: Console) -> str:
+    """Print the tables and return them as markdown: the modes side by side, and when several
+    clients were measured, serving them against one at a time."""
+    console.print(table(results, title))
+    text = markdown(HEADERS, [c for r in results for c in rows(r)])
+    if serving_clients(results):
+        console.print(table(results, "concurrent clients", CLIENT_HEADERS, client_rows))
+        text += "\n" + markdown(CLIENT_HEADERS, client_rows(results))
+    return text
 
 
 def describe(settings: Settings, edge: EdgeProfile | None) -> str:
@@ -290,11 +367,13 @@ def describe(settings: Settings, edge: EdgeProfile | None) -> str:
 
 def plot(results: list[dict[str, Any]], settings: Settings, out: Path, title: str, console: Console) -> list[str]:
     try:
-        from .bench_plots import gantt, speedup_chart
+        from .bench_plots import clients_chart, gantt, speedup_chart
     except ImportError:
         console.print("[yellow]matplotlib is missing (pip install -e '.[bench]'): no plots[/yellow]")
         return []
     paths = [speedup_chart(results, list(settings.modes), out / "speedup.png", title)]
+    if serving_clients(results):
+        paths.append(clients_chart(results, list(settings.modes), out / "clients.png", title))
     for result in results:
         nodes = ["head", *(f"stage{i + 1}" for i in range(result["stages"]))]
         slug = result["name"].replace(" ", "").replace("/", "_").replace(",", "_")
@@ -327,6 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-tokens", type=int, default=8)
     parser.add_argument("--stages", type=_ints, default=[4], help="stage counts, e.g. 2,4,6,8 (one cluster each)")
     parser.add_argument("--prompt-lengths", type=_ints, default=None, help="prompt lengths in tokens, e.g. 64,256,512")
+    parser.add_argument("--clients", type=_ints, default=[1],
+                        help="concurrent clients, e.g. 1,2,4,8 (one configuration each; 1 is always measured with more)")
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE), help="edge profile TOML, or 'none' for unpaced stages")
     parser.add_argument("--bandwidth-mbps", type=float, default=None, help="link bandwidth (default: the profile's)")
     parser.add_argument("--delay-ms", type=float, default=None, help="one-way delay per hop (default: the profile's)")
@@ -386,8 +467,8 @@ def report_only(paths: list[Path], out: Path, console: Console) -> int:
             refresh(config, path.parent / "configs" / config["name"].replace(" ", "").replace("/", "_"))
             results.append(config)
     title = " | ".join(dict.fromkeys(_saved_title(report) for report in reports))
-    console.print(table(results, title))
-    console.print(markdown(results), soft_wrap=True, markup=False)
+    add_client_ratios(results)
+    console.print(tables(results, title, console), soft_wrap=True, markup=False)
     out.mkdir(parents=True, exist_ok=True)
     for path in plot(results, _saved_settings(reports[0]), out, title, console):
         console.print(f"wrote {path}")
@@ -426,8 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     natural = [tokenizer(p.text)["input_ids"] for p in prompts]
     lead = tokenizer("")["input_ids"]
     filler = tokenizer("\n\n".join(p.text for p in prompts) + "\n\n", add_special_tokens=False)["input_ids"]
-    configs = [Config(f"{args.label}{n} stages" + (f" / {length} tok" if length else ""), n, length)
-               for n in args.stages for length in (args.prompt_lengths or [None])]
+    clients = sorted(set(args.clients) | ({1} if args.clients != [1] else set()))  # one at a time: the baseline
+    configs = [Config(f"{args.label}{n} stages" + (f" / {length} tok" if length else "")
+                      + (f" / {c} clients" if clients != [1] else ""), n, length, c)
+               for n in args.stages for length in (args.prompt_lengths or [None]) for c in clients]
     title = describe(settings, edge)
     console.print(f"[bold]flowspec bench[/bold]: {len(prompts)} prompts x {len(args.modes)} modes per configuration; {title}")
     started = time.perf_counter()
@@ -444,8 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             except (NodeDied, GenerationFailed, TimeoutError, BenchError) as exc:
                 error = f"{config.name}: {type(exc).__name__}: {exc}"
                 break
-    if results:
-        console.print(table(results, title))
+    add_client_ratios(results)
+    summary = tables(results, title, console) if results else ""
     for result in results:
         if memory := result.get("resident_mb"):
             console.print(f"{result['name']}: resident MB " + ", ".join(f"{n} {mb:.0f}" for n, mb in memory.items()))
@@ -472,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         "plots": plots,
     }
     (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "summary.md").write_text(f"{title}\n\n{markdown(results)}" if results else "")
+    (args.out / "summary.md").write_text(f"{title}\n\n{summary}" if results else "")
     console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'summary.md'}" + "".join(f", {p}" for p in plots)
                   + f" ({report['seconds']:.0f} s)")
     if error:

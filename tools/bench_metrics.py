@@ -32,6 +32,7 @@ class RunRecord:
     end: float  # time.time() when its last event arrived
     ids: list[int] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    first_token: float = 0.0  # time.time() when its first token arrived (0: not recorded)
 
     @property
     def decode_tokens(self) -> int:
@@ -80,13 +81,21 @@ def summarise(runs: list[RunRecord]) -> dict[str, float]:
         rows = r.stats["rows_sent"]
         decode_rows += rows - r.prompt_tokens
         decode_bytes += r.stats["bytes_sent"] * (rows - r.prompt_tokens) / rows if rows else 0.0
+    # Serving figures: every token of every request over the wall time from the first request sent to
+    # the last answered (one at a time or concurrently), and the clients' waits.
+    span = max((r.end for r in runs), default=0.0) - min((r.start for r in runs), default=0.0)
+    ttft = [r.first_token - r.start for r in runs if r.first_token]
     return {
         "requests": len(runs),
         "decode_tokens": tokens,
         "decode_s": decode_s,
         "tokens_per_s": tokens / decode_s if decode_s > 0 else 0.0,
+        "aggregate_tokens_per_s": sum(len(r.ids) for r in runs) / span if span > 0 else 0.0,
         "tbt_mean_ms": 1000 * decode_s / tokens if tokens else 0.0,
+        "tbt_p50_ms": 1000 * percentile(gaps, 50),
         "tbt_p90_ms": 1000 * percentile(gaps, 90),
+        "ttft_p50_ms": 1000 * percentile(ttft, 50),
+        "ttft_p90_ms": 1000 * percentile(ttft, 90),
         "accepted_per_verification": tokens / verifications if verifications else 0.0,
         "rows_per_token": decode_rows / tokens if tokens else 0.0,
         "bytes_per_token": decode_bytes / tokens if tokens else 0.0,
@@ -111,21 +120,27 @@ def _inside(span: dict[str, Any], windows: list[tuple[float, float]]) -> bool:
     return any(w[0] <= span["start"] < w[1] for w in windows)
 
 
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of intervals as disjoint intervals, in order."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 def _covered(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of intervals."""
-    total, end = 0.0, -math.inf
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+    return sum(b - a for a, b in _merged(intervals))
 
 
 def node_times(spans: list[dict[str, Any]], runs: list[RunRecord], stages: list[str]) -> dict[str, Any]:
     """Per mode of `runs`: stage utilisation (segment compute + pacing / decode wall time), the
     head's busy time per verification split by kind, how much of the time any stage computes, and
     how much the head computes while every stage waits (its serial share)."""
-    windows = [r.decode_window for r in runs]
+    windows = _merged([r.decode_window for r in runs])  # concurrent requests' windows overlap
     wall = sum(b - a for a, b in windows)
     busy: dict[tuple[str, str], float] = defaultdict(float)
     ring_time = head_alone = head_busy = 0.0

@@ -80,3 +80,34 @@ def gantt(lanes: dict[str, list[dict[str, Any]]], nodes: list[str], seconds: flo
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def clients_chart(configs: list[dict[str, Any]], modes: list[str], path: Path, title: str) -> Path:
+    """Serving several clients at once: aggregate tokens/s (left) and time between tokens p90
+    (right) against the number of concurrent clients, one line per mode and stage count."""
+    fig, (rate, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[tuple[int, Any], list[dict[str, Any]]] = {}
+    for config in configs:
+        groups.setdefault((config["stages"], config["prompt_length"]), []).append(config)
+    for (stages, length), group in groups.items():
+        group.sort(key=lambda c: c.get("clients", 1))
+        clients = [c.get("clients", 1) for c in group]
+        suffix = f" ({stages} stages{f', {length} tok' if length else ''})" if len(groups) > 1 else ""
+        for mode in modes:
+            color = MODE_COLORS.get(mode)
+            rate.plot(clients, [c["modes"][mode]["aggregate_tokens_per_s"] for c in group], "o-", color=color,
+                      label=mode + suffix)
+            latency.plot(clients, [c["modes"][mode]["tbt_p90_ms"] for c in group], "o-", color=color, label=mode + suffix)
+    for ax, label in ((rate, "aggregate tokens/s"), (latency, "time between tokens p90 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({c.get("clients", 1) for c in configs}), [str(n) for n in sorted({c.get("clients", 1) for c in configs})])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.spines[["top", "right"]].set_visible(False)
+    rate.legend(fontsize=8)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=7.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
