@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import signal
 import sys
@@ -15,10 +14,11 @@ from typing import Any
 
 from .client import DEFAULT_ADDRESS, Client, GenerationFailed
 from .launch import LocalCluster, NodeDied
-from .models import ModelNotPrepared
+from .models import MODELS, ModelNotPrepared, prepare
 from .security import client_keys, create_keys
 from .topology import TopologyError, default_topology_path, load_topology
 
+DEMO_PROMPT = "What is the capital of Italy? Answer in one sentence."
 OPTION_FLAGS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "draft", "segment_size",
                 "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab")
 
@@ -40,7 +40,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-width", type=int)
     parser.add_argument("--draft-vocab", type=int, help="draft vocabulary size (0: the whole vocabulary)")
     parser.add_argument("--stop", action="append", help="end the output before this string (repeatable)")
-    parser.add_argument("--stats", action="store_true", help="print the generation's statistics afterwards")
+    parser.add_argument("--stats", action=argparse.BooleanOptionalAction, default=False,
+                        help="one line of statistics after each answer: tokens, tokens/s, accepted per verification")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,6 +52,13 @@ def _client(args: argparse.Namespace) -> Client:
     """A client for the topology's head, with the client key pair when the cluster requires keys."""
     topology = load_topology(args.topology or default_topology_path())
     return Client(args.address or topology.client_address, keys=client_keys(topology.keys))
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    """A finished generation's statistics as one line for people."""
+    return (f"{stats['tokens']} tokens · {stats['tokens_per_s']:.1f} tokens/s · "
+            f"{stats['accepted_per_verification']:.2f} accepted per verification · "
+            f"first token after {stats['prefill_s']:.2f} s")
 
 
 async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **prompt: Any) -> str:
@@ -66,8 +74,7 @@ async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **p
     finally:
         print()  # ends the streamed line, also before an error message
     if show_stats:
-        summary = {k: v for k, v in stats.items() if k != "token_times"}
-        print(json.dumps(summary, indent=2), file=sys.stderr)
+        print(f"[{stats_line(stats)}]", file=sys.stderr, flush=True)
     return text
 
 
@@ -136,14 +143,19 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Launch the local topology, stream one generation, stop everything."""
+    """Prepare the topology's model if needed, launch the local topology, answer one chat message,
+    stop everything."""
     topology_path = args.topology or default_topology_path()
+    if (source := load_topology(topology_path).model.source) in MODELS:
+        prepare(source)  # the first time: installs and converts the weights (a minute or two); then instant
     cluster = LocalCluster(topology_path)
     print(f"starting {len(cluster.names)} nodes (logs in {cluster.log_dir}) ...", flush=True)
     with cluster:
-        print(f"prompt: {args.prompt}", flush=True)
+        print(f"you> {args.prompt}\nmodel> ", end="", flush=True)
         args.topology = topology_path
-        return cmd_generate(args)
+        messages = [{"role": "user", "content": args.prompt}]
+        asyncio.run(_stream(_client(args), _options(args), args.stats, messages=messages, stop=args.stop))
+    return 0
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -253,12 +265,12 @@ def _dispatch(argv: list[str]) -> int:
 
     chat = commands.add_parser("chat", help="multi-turn chat with a running head")
     _add_options(chat)
-    chat.set_defaults(run=cmd_chat)
+    chat.set_defaults(run=cmd_chat, stats=True)
 
-    demo = commands.add_parser("demo", help="launch the local topology, generate once, stop")
-    demo.add_argument("prompt", nargs="?", default="The three most useful things to know about pipelines are")
+    demo = commands.add_parser("demo", help="prepare and launch the local topology, answer one chat message, stop")
+    demo.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     _add_options(demo)
-    demo.set_defaults(run=cmd_demo)
+    demo.set_defaults(run=cmd_demo, stats=True)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -31,15 +31,24 @@ def topology(*nodes: str, model: str = MODEL, rest: str = "", head: str = HEAD) 
 ONE_STAGE = topology(stage("a", 6010))
 
 
-def test_default_file_is_gemma_on_four_loopback_stages():
+def test_default_file_is_the_qwen_chat_model_on_four_loopback_stages():
     t = load_topology(default_topology_path())
-    assert t.model.source == "gemma3-270m" and t.model.dtype == "float32"
+    assert t.model.source == "qwen2.5-coder-1.5b" and t.model.dtype == "bfloat16"
     assert t.decoding.mode == "flowspec"
     assert [n.name for n in t.stages] == ["stage1", "stage2", "stage3", "stage4"]
     assert {n.host for n in t.nodes} == {"127.0.0.1"}
     assert all(n.layers is None for n in t.stages)
-    assert t.layer_windows(18) == {"stage1": (0, 5), "stage2": (5, 10), "stage3": (10, 14), "stage4": (14, 18)}
+    assert t.layer_windows(28) == {"stage1": (0, 7), "stage2": (7, 14), "stage3": (14, 21), "stage4": (21, 28)}
     assert t.http is None  # the HTTP gateway is opt-in
+
+
+def test_the_gemma_topology_runs_beside_the_default():
+    gemma = load_topology(default_topology_path().parent / "topologies" / "gemma3-270m.toml")
+    assert gemma.model.source == "gemma3-270m" and gemma.decoding == DecodingConfig()
+    assert gemma.layer_windows(18) == {"stage1": (0, 5), "stage2": (5, 10), "stage3": (10, 14), "stage4": (14, 18)}
+    default = load_topology(default_topology_path())
+    ports = [{p for n in t.nodes for p in (n.port, n.client_port, n.control_port)} for t in (gemma, default)]
+    assert ports[0] & ports[1] <= {None}
 
 
 def test_missing_decoding_table_gives_the_documented_defaults():
