@@ -81,9 +81,9 @@ def summarise(runs: list[RunRecord]) -> dict[str, float]:
         rows = r.stats["rows_sent"]
         decode_rows += rows - r.prompt_tokens
         decode_bytes += r.stats["bytes_sent"] * (rows - r.prompt_tokens) / rows if rows else 0.0
-    # Serving figures: every token of every request over the wall time from the first request sent to
-    # the last answered (one at a time or concurrently), and the clients' waits.
-    span = max((r.end for r in runs), default=0.0) - min((r.start for r in runs), default=0.0)
+    # Serving figures: every token of every request over the wall time while any of them was being
+    # served (one at a time or concurrently), and the clients' waits.
+    span = _covered([(r.start, r.end) for r in runs])
     ttft = [r.first_token - r.start for r in runs if r.first_token]
     return {
         "requests": len(runs),

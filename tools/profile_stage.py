@@ -8,9 +8,14 @@ profile that tools/profiles/*.toml hold, so a profile can be calibrated on the r
 
     flowspec profile gemma3-270m --layers 5              # what one of 4 Gemma stages costs here
     flowspec profile gemma3-270m --layers 5 --head       # plus the head: logits and one int8 draft
+    flowspec profile gemma3-270m --layers 5 --batching 1,2,4,8   # several requests in one forward
 
 `--head` also times the head's share of a step (lm_head over n rows, one draft tree), which is not
-paced by the emulation and runs at this machine's speed.
+paced by the emulation and runs at this machine's speed. `--batching` compares, for R requests of
+`--batch-rows` tree rows each: R forwards one after another, one packed forward (the stages' layout:
+all rows through the projections and MLP at once, attention over each request's own cache through a
+block-diagonal mask), and one forward of the same rows of a single request (no mask waste, no cache
+concatenation: the bound on what per-request attention kernels could gain over the packed layout).
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flowspec_zmq.draft import DraftLM, Frontier, TreeShape
-from flowspec_zmq.model_slices import load_config, load_head_model, load_layer_window
+from flowspec_zmq.draft import DraftLM, DraftStep, Frontier, TreeShape
+from flowspec_zmq.model_slices import WindowPart, load_config, load_head_model, load_layer_window
 from flowspec_zmq.models import resolve_model_dir
 from flowspec_zmq.tree import ROOT_PARENT
 
@@ -96,15 +101,56 @@ def profile_head(model_dir: Path, context: int, repeats: int, shape: TreeShape, 
     out = {f"logits_{rows}_ms": median_ms(lambda: head.logits(hidden[:rows]), repeats) for rows in (1, 16)}
     draft = DraftLM.load(model_dir, "int8", head, vocab)
     tokens = list(range(1000, 1000 + context))
-    draft.begin(tokens[:-1])  # the committed context is cached once, as during a request
+    draft.begin(0, tokens[:-1])  # the committed context is cached once, as during a request
     frontier = [Frontier(i, ROOT_PARENT, context - 1, (tokens[-1],)) for i in range(shape.width)]
 
     def step() -> None:
-        draft.expand(frontier, shape.top_k)
-        draft.cache.prune((), ())
+        draft.expand([DraftStep(0, frontier, shape.top_k)])
+        draft.states[0].cache.prune((), ())
 
     out["draft_step_ms"] = median_ms(step, repeats)
     out.update({"draft_width": shape.width, "draft_top_k": shape.top_k, "draft_vocab": vocab})
+    return out
+
+
+def profile_batching(model_dir: Path, first: int, last: int, context: int, requests: list[int], rows: int,
+                     repeats: int) -> list[dict[str, float]]:
+    """Median ms per way of running `rows` tree rows of each of R requests (see the module's doc)."""
+    window = load_layer_window(model_dir, first, last, torch.float32)
+    hidden_size = window.config.hidden_size
+    positions = list(range(context))
+
+    def prefilled():
+        cache = window.new_cache()
+        window(torch.randn(context, hidden_size), cache, True, positions, [ROOT_PARENT] * context, positions)
+        return cache
+
+    caches = [prefilled() for _ in range(max(requests))]
+    one_cache = prefilled()
+
+    def part(cache, n: int) -> WindowPart:  # a chain of n rows, like a draft path
+        return WindowPart(cache, False, list(range(n)), [ROOT_PARENT, *range(n - 1)], list(range(context, context + n)))
+
+    out = []
+    for r in requests:
+        x = torch.randn(r * rows, hidden_size)
+
+        def separate() -> None:
+            for cache in caches[:r]:
+                window.run(x[:rows], [window.plan(part(cache, rows))])
+                cache.truncate(context)
+
+        def packed() -> None:
+            window.run(x, [window.plan(part(cache, rows)) for cache in caches[:r]])
+            for cache in caches[:r]:
+                cache.truncate(context)
+
+        def single() -> None:
+            window.run(x, [window.plan(part(one_cache, r * rows))])
+            one_cache.truncate(context)
+
+        out.append({"requests": r, "separate_ms": median_ms(separate, repeats), "packed_ms": median_ms(packed, repeats),
+                    "one_request_ms": median_ms(single, repeats)})
     return out
 
 
@@ -121,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head", action="store_true", help="also time the head's logits and one int8 draft step")
     parser.add_argument("--draft-step", default="4,4", help="frontier width,top_k of the draft step for --head")
     parser.add_argument("--draft-vocab", type=int, default=32768, help="draft vocabulary for --head (0: all)")
+    parser.add_argument("--batching", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="also time R requests per forward for these R, e.g. 1,2,4,8")
+    parser.add_argument("--batch-rows", type=int, default=12, help="tree rows per request for --batching")
     parser.add_argument("--out", type=Path, default=None, help="write the measurements as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.share))
@@ -154,6 +203,16 @@ def main(argv: list[str] | None = None) -> int:
         head = profile_head(model_dir, args.context, args.repeats, TreeShape(top_k=top_k, width=width), args.draft_vocab)
         console.print("head: " + ", ".join(f"{k} = {v:.1f}" if isinstance(v, float) else f"{k} = {v}" for k, v in head.items()))
         report["head"] = head
+    if args.batching:
+        batching = profile_batching(model_dir, args.first, args.first + layers, args.context, args.batching,
+                                    args.batch_rows, args.repeats)
+        table = Table(title=f"{args.batch_rows} rows per request, {args.context} tokens of context each")
+        for column in ("requests", "separate forwards ms", "one packed forward ms", "same rows, one request ms"):
+            table.add_column(column, justify="right")
+        for b in batching:
+            table.add_row(str(b["requests"]), f"{b['separate_ms']:.1f}", f"{b['packed_ms']:.1f}", f"{b['one_request_ms']:.1f}")
+        console.print(table)
+        report["batching"] = batching
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
