@@ -18,7 +18,8 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .kv_cache import LayerShape, TreeKVCache
 
@@ -141,17 +142,11 @@ class LayerWindow(nn.Module):
 
     @torch.inference_mode()
     def run(self, hidden: torch.Tensor, plans: Sequence[PartPlan]) -> torch.Tensor:
-        """One forward pass over the rows of several requests, packed in plan order. Projections and
-        MLP run over all rows at once (on a CPU their cost is reading the weights, whatever the
-        rows); attention reads each request's own cache only (block-diagonal masks)."""
+        """One forward pass over the rows of several requests, packed in plan order: projections
+        and MLP run over all rows at once (on a CPU their cost is reading the weights, whatever the
+        rows), attention runs per request over its own cache (PackedCaches)."""
         for plan in plans:
             plan.part.cache.reserve(len(plan.part.node_ids))
-        if len(plans) == 1:
-            masks = {t: m[None, None] for t, m in plans[0].masks.items()}
-            kv: TreeKVCache | PackedCaches = plans[0].part.cache
-        else:
-            masks = {t: torch.block_diag(*[p.masks[t] for p in plans])[None, None] for t in plans[0].masks}
-            kv = PackedCaches([p.part.cache for p in plans], [len(p.part.node_ids) for p in plans])
         x = hidden.to(self.dtype)[None]
         position_ids = torch.cat([p.positions for p in plans])[None]
         if self.rotary_per_type:
@@ -159,14 +154,14 @@ class LayerWindow(nn.Module):
         else:
             shared = self.rotary(x, position_ids)
             rotations = {t: shared for t in set(self.layer_types)}
+        packed = PackedCaches(plans, self.first, self.layer_types) if len(plans) > 1 else None
         for layer, layer_type in zip(self.layers, self.layer_types):
-            x = layer(
-                x,
-                attention_mask=masks[layer_type],
-                position_embeddings=rotations[layer_type],
-                position_ids=position_ids,
-                past_key_values=kv,
-            )
+            if packed is None:
+                x = layer(x, attention_mask=plans[0].masks[layer_type][None, None], position_embeddings=rotations[layer_type],
+                          position_ids=position_ids, past_key_values=plans[0].part.cache)
+            else:
+                x = layer(x, attention_mask=None, position_embeddings=rotations[layer_type], position_ids=position_ids,
+                          past_key_values=packed, packed=packed)
         for plan in plans:
             part = plan.part
             if part.commit:
@@ -177,22 +172,49 @@ class LayerWindow(nn.Module):
 
 
 class PackedCaches:
-    """Several requests' caches seen as one by the HF attention modules: each request's new keys
-    and values go into its own cache, and attention gets every request's keys side by side (the
-    block-diagonal mask keeps requests apart)."""
+    """Several requests in one forward pass. The HF attention modules hand every row's new keys and
+    values to `update`, which writes each request's rows into its own cache; attention then runs
+    once per request, its rows against its own cache and mask only (`packed_attention`), so
+    requests never see each other and no cache is copied or attended to in vain."""
 
-    def __init__(self, caches: Sequence[TreeKVCache], rows: Sequence[int]) -> None:
-        self.caches = caches
-        self.rows = rows
+    def __init__(self, plans: Sequence[PartPlan], first_layer: int, layer_types: Sequence[str]) -> None:
+        self.plans = plans
+        self.first_layer = first_layer
+        self.layer_types = layer_types
+        self.current: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's keys and values, per request
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values, start = [], [], 0
-        for request_cache, rows in zip(self.caches, self.rows):
-            k, v = request_cache.update(key[:, :, start : start + rows], value[:, :, start : start + rows], layer_idx)
-            keys.append(k)
-            values.append(v)
+        self.current, start = [], 0
+        for plan in self.plans:
+            rows = len(plan.part.node_ids)
+            self.current.append(plan.part.cache.update(key[:, :, start : start + rows], value[:, :, start : start + rows],
+                                                       layer_idx))
             start += rows
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        return key, value  # attention reads `current` instead
+
+    def attend(self, module: nn.Module, query: torch.Tensor, scaling: float | None) -> tuple[torch.Tensor, None]:
+        layer_type = self.layer_types[module.layer_idx - self.first_layer]
+        outputs, start = [], 0
+        for plan, (keys, values) in zip(self.plans, self.current):
+            rows = len(plan.part.node_ids)
+            output, _ = sdpa_attention_forward(module, query[:, :, start : start + rows], keys, values,
+                                               plan.masks[layer_type][None, None], scaling=scaling)
+            outputs.append(output)
+            start += rows
+        return torch.cat(outputs, dim=1), None
+
+
+def packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None,
+                     packed: PackedCaches | None = None, **kwargs):
+    """SDPA, or per-request SDPA when the forward carries several requests."""
+    if packed is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return packed.attend(module, query, scaling)
+
+
+PACKED_ATTENTION = "flowspec_packed"
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
 def _skeleton(config: PretrainedConfig) -> nn.Module:
@@ -206,6 +228,7 @@ def load_layer_window(
     """Materialise decoder layers [first, last) from the safetensors files, nothing else; each layer
     passes through `transform` (e.g. quantization) as soon as it is read."""
     config = load_config(model_dir)
+    config._attn_implementation = PACKED_ATTENTION  # plain SDPA unless a forward carries several requests
     if not 0 <= first < last <= config.num_hidden_layers:
         raise ValueError(f"layer window [{first}, {last}) is outside the model's {config.num_hidden_layers} layers")
     skeleton = _skeleton(config)
