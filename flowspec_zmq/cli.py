@@ -159,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from nodes.__main__ import run_node
+    from .nodes.__main__ import run_node
 
     try:
         run_node(args.topology or default_topology_path(), args.name)
@@ -187,15 +187,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from tools.prepare_models import main as prepare_main
+    from .prepare_models import main as prepare_main
 
     return prepare_main(args.models)
 
 
-# Commands whose code and argument parsing live in tools/; `flowspec NAME --help` shows their options.
+# Commands whose code and argument parsing live in their own modules; `flowspec NAME --help` shows their options.
 TOOL_COMMANDS = {
-    "bench": ("tools.bench", "every decoding mode on the same prompts, edge-emulated: table, JSON, plots"),
-    "profile": ("tools.profile_stage", "time this machine's stage forward per layer, to calibrate device profiles"),
+    "bench": ("flowspec_zmq.bench", "every decoding mode on the same prompts, edge-emulated: table, JSON, plots"),
+    "profile": ("flowspec_zmq.profile_stage", "time this machine's stage forward per layer, to calibrate device profiles"),
 }
 
 

@@ -114,7 +114,7 @@ class ReadyInbox:
 
 
 def node_command(topology_path: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "nodes", str(topology_path), name]
+    return [sys.executable, "-m", "flowspec_zmq.nodes", str(topology_path), name]
 
 
 class LocalCluster:

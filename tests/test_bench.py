@@ -9,9 +9,9 @@ import json
 import pytest
 
 from flowspec_zmq.emulation import DeviceProfile, LinkProfile
-from tools.bench import BenchError, Prompt, fit_length, load_prompts, main, pick
-from tools.bench_metrics import RunRecord, mismatches, node_times, pace_overruns, percentile, summarise
-from tools.edge_profiles import DEFAULT_PROFILE, ProfileError, load_edge_profile
+from flowspec_zmq.bench import BenchError, Prompt, fit_length, load_prompts, main, pick
+from flowspec_zmq.bench_metrics import RunRecord, mismatches, node_times, pace_overruns, percentile, summarise
+from flowspec_zmq.edge_profiles import DEFAULT_PROFILE, ProfileError, load_edge_profile
 
 from .conftest import TEST_MODEL
 

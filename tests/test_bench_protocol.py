@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tools import bench_protocol
+from flowspec_zmq import bench_protocol
 
 
 def test_quick_run_reports_both_variants_for_every_size(tmp_path: Path) -> None:

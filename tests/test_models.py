@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from flowspec_zmq import models
 from flowspec_zmq.models import MARKER, MODELS, ModelNotPrepared, ModelSpec, cache_root, prepare, resolve_model_dir
-from tools import prepare_models
+from flowspec_zmq import prepare_models
 
 
 @pytest.fixture

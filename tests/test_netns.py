@@ -12,7 +12,7 @@ import pytest
 
 from flowspec_zmq.launch import LocalCluster
 from flowspec_zmq.topology import local_topology_toml
-from tools import netns
+from flowspec_zmq import netns
 
 from .conftest import PROMPTS, TEST_MODEL
 

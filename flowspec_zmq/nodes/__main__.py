@@ -1,4 +1,4 @@
-"""`python -m nodes TOPOLOGY NAME`: run one node of a topology (what `flowspec launch` spawns)."""
+"""`python -m flowspec_zmq.nodes TOPOLOGY NAME`: run one node of a topology (what `flowspec launch` spawns)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def run_node(topology_path: Path, name: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m nodes TOPOLOGY NAME")
+        sys.exit("usage: python -m flowspec_zmq.nodes TOPOLOGY NAME")
     try:
         run_node(Path(sys.argv[1]), sys.argv[2])
     except KeyboardInterrupt:

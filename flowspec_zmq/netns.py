@@ -3,8 +3,8 @@
 Each host's link is shaped with tbf on both ends (netem is missing on these kernels, so delay comes
 from the transport's user-space shaping instead). Needs root and `ip netns`.
 
-    python -m tools.netns up 3 --rate 150mbit     # then: ip netns exec fs_h1 <command>
-    python -m tools.netns down
+    python -m flowspec_zmq.netns up 3 --rate 150mbit     # then: ip netns exec fs_h1 <command>
+    python -m flowspec_zmq.netns down
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ time between tokens (mean, p90), accepted tokens per verification, draft rows se
 bytes the head sends per token, stage utilisation (segment compute + pacing / decode wall time) and
 the head's busy time per verification.
 
-Edge emulation (default): every stage is paced to a device profile (tools/profiles/*.toml, a per
+Edge emulation (default): every stage is paced to a device profile (flowspec_zmq/profiles/*.toml, a per
 layer cost of an emulated bigger model, scaled by the stage's share of layers) and every hop is
 shaped to the profile's link, so the figures do not depend on the node processes contending for
 this machine's cores. `--profile none` runs unpaced at this machine's real speed.
@@ -47,17 +47,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers import AutoTokenizer
 
-from flowspec_zmq.client import Client, GenerationFailed
-from flowspec_zmq.emulation import DeviceProfile, LinkProfile
-from flowspec_zmq.launch import LocalCluster, NodeDied
-from flowspec_zmq.memory import resident_mb
-from flowspec_zmq.model_slices import load_config
-from flowspec_zmq.models import resolve_model_dir
-from flowspec_zmq.strategies import MODES
-from flowspec_zmq.topology import local_topology_toml, parse_topology
-
 from .bench_metrics import RunRecord, load_spans, mismatches, node_times, pace_overruns, summarise, timeline
+from .client import Client, GenerationFailed
 from .edge_profiles import DEFAULT_PROFILE, EdgeProfile, ProfileError, load_edge_profile
+from .emulation import DeviceProfile, LinkProfile
+from .launch import LocalCluster, NodeDied
+from .memory import resident_mb
+from .model_slices import load_config
+from .models import resolve_model_dir
+from .strategies import MODES
+from .topology import local_topology_toml, parse_topology
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
 TREE_FLAGS = ("segment_size", "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab",

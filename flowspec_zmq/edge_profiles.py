@@ -1,6 +1,6 @@
 """Edge profiles for benchmarks: one device's per-layer speed for an emulated model, and its links.
 
-A profile file (tools/profiles/*.toml) describes a device running a bigger model than the one this
+A profile file (flowspec_zmq/profiles/*.toml) describes a device running a bigger model than the one this
 machine computes with:
 
     [device]
@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowspec_zmq.emulation import DeviceProfile, LinkProfile
+from .emulation import DeviceProfile, LinkProfile
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = PROFILES / "jetson_orin_7b.toml"

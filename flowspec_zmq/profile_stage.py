@@ -4,7 +4,7 @@ Loads a window of decoder layers exactly as a stage does (model_slices.load_laye
 a short context into a TreeKVCache, then times forwards of 1, 2, 4, ... 32 tree rows on top of it
 (the cache is cut back to the prefix after each one). A least-squares line through the medians
 gives `fixed_ms + per_token_ms x rows` for the window; divided by its layers it is the per-layer
-profile that tools/profiles/*.toml hold, so a profile can be calibrated on the real device:
+profile that flowspec_zmq/profiles/*.toml hold, so a profile can be calibrated on the real device:
 
     flowspec profile gemma3-270m --layers 5              # what one of 4 Gemma stages costs here
     flowspec profile gemma3-270m --layers 5 --head       # plus the head: logits and one int8 draft
@@ -34,10 +34,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from flowspec_zmq.draft import DraftLM, DraftStep, Frontier, TreeShape
-from flowspec_zmq.model_slices import WindowPart, load_config, load_head_model, load_layer_window
-from flowspec_zmq.models import resolve_model_dir
-from flowspec_zmq.tree import ROOT_PARENT
+from .draft import DraftLM, DraftStep, Frontier, TreeShape
+from .model_slices import WindowPart, load_config, load_head_model, load_layer_window
+from .models import resolve_model_dir
+from .tree import ROOT_PARENT
 
 ROWS = (1, 2, 4, 8, 16, 32)
 

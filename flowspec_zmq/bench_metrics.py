@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from flowspec_zmq.emulation import DeviceProfile
+from .emulation import DeviceProfile
 
 HEAD_KINDS = ("draft", "logits")  # the draft and verify workers (embedding is inline in "send")
 

@@ -10,8 +10,8 @@ the way ring nodes do. Each message carries one segment of hidden states (`token
 Latency is the round trip with one message in flight (per hop = RTT / 2). Throughput keeps a window
 of messages in flight and counts deliveries per second on each link (both links carry the same rate).
 
-    python -m tools.bench_protocol            # about 35 s
-    python -m tools.bench_protocol --quick    # a few seconds
+    python -m flowspec_zmq.bench_protocol            # about 35 s
+    python -m flowspec_zmq.bench_protocol --quick    # a few seconds
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flowspec_zmq.protocol import DTYPES, MAX_MESSAGE_BYTES, ProtocolError, Release, Segment, decode, encode
+from .protocol import DTYPES, MAX_MESSAGE_BYTES, ProtocolError, Release, Segment, decode, encode
 
 Variant = Literal["raw", "flowspec"]
 VARIANTS: tuple[Variant, ...] = ("raw", "flowspec")
@@ -371,7 +371,7 @@ def _self_check() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_protocol", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flowspec_zmq.bench_protocol", description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=640, help="hidden width (640 = Gemma-3-270M)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--round-trips", type=int, default=3000, help="timed round trips per size for latency")
