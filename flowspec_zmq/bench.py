@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,7 +59,7 @@ from .models import resolve_model_dir
 from .strategies import MODES
 from .topology import local_topology_toml, parse_topology
 
-PROMPTS = Path(__file__).resolve().parent / "prompts.jsonl"
+PROMPTS = Path(str(files(__package__) / "prompts.jsonl"))
 TREE_FLAGS = ("segment_size", "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab",
               "prefill_chunk")
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from .emulation import DeviceProfile, LinkProfile
 
-PROFILES = Path(__file__).resolve().parent / "profiles"
+PROFILES = Path(str(files(__package__) / "profiles"))
 DEFAULT_PROFILE = PROFILES / "jetson_orin_7b.toml"
 
 

@@ -12,6 +12,7 @@ import json
 import socket
 import tomllib
 from dataclasses import asdict, dataclass, fields
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Sequence, get_args
 
@@ -514,4 +515,6 @@ def load_topology(path: Path | str) -> Topology:
 
 
 def default_topology_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "topology.toml"
+    """The repo's topology.toml, shipped as package data (in a checkout the package holds a link
+    to it, so there is one file to edit)."""
+    return Path(str(files(__package__) / "topology.toml")).resolve()

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from flowspec_zmq.emulation import DeviceProfile, LinkProfile
-from flowspec_zmq.bench import BenchError, Prompt, fit_length, load_prompts, main, pick
+from flowspec_zmq.bench import PROMPTS, BenchError, Prompt, fit_length, load_prompts, main, pick
 from flowspec_zmq.bench_metrics import RunRecord, mismatches, node_times, pace_overruns, percentile, summarise
 from flowspec_zmq.edge_profiles import DEFAULT_PROFILE, ProfileError, load_edge_profile
 
@@ -23,7 +23,7 @@ def record(prompt: int, mode: str, ids: list[int], **stats) -> RunRecord:
 
 
 def test_shipped_prompts_cover_the_four_categories_twice():
-    prompts = load_prompts(DEFAULT_PROFILE.parent.parent / "prompts.jsonl")
+    prompts = load_prompts(PROMPTS)
     counts = {c: sum(p.category == c for p in prompts) for c in ("chat", "code", "math", "summarisation")}
     assert all(n >= 2 for n in counts.values()), counts
 
