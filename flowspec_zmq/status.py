@@ -61,14 +61,18 @@ def _heartbeat(row: dict[str, Any]) -> str:
     return "never" if age is None else f"{age:.1f} s ago"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def status_view(info: dict[str, Any]) -> Group:
     """A head's info reply as one summary line and a table of its nodes."""
     health, metrics = info["health"], info["metrics"]
     state = Text("healthy", "bold green") if health["ok"] else Text(f"unhealthy: {health['problem']}", "bold red")
     summary = Text.assemble(
         (Path(info["model"]).name, "bold"), f" on {info['stages']} stages · ", state,
-        f" · {metrics['running']} running, {metrics['queued']} queued · {metrics['requests']} requests, "
-        f"{metrics['tokens']} tokens served")
+        f" · {metrics['running']} running, {metrics['queued']} queued · "
+        f"served {_count(metrics['requests'], 'request')}, {_count(metrics['tokens'], 'token')}")
     table = Table("node", "role", "host", "layers", "health", box=box.SIMPLE_HEAD)
     table.add_column("memory", justify="right")
     table.add_column("heartbeat", justify="right")

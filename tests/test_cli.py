@@ -53,6 +53,19 @@ def test_generate_with_nothing_listening_says_how_to_start_the_cluster():
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 
+def test_status_shows_every_nodes_place_health_memory_and_heartbeat(ring2):
+    run = flowspec("status", "--topology", str(ring2.topology_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "smollm2-135m on 2 stages · healthy" in run.stdout
+    rows = {cells[0]: cells for line in run.stdout.splitlines() if (cells := line.split())}
+    head, stage1, stage2 = rows["head"], rows["stage1"], rows["stage2"]
+    assert head[:6] == ["head", "head", "127.0.0.1", "embed,", "lm_head", "ok"] and head[7] == "MB"
+    # SmolLM2's 30 layers split in two; each stage's memory came with its heartbeats.
+    for cells, layers in ((stage1, ["0–14", "(15)"]), (stage2, ["15–29", "(15)"])):
+        assert cells[2:6] == ["127.0.0.1", *layers, "ok"] and cells[7] == "MB" and cells[-2:] == ["s", "ago"], cells
+        assert float(cells[6].replace(",", "")) > 100 and float(cells[8]) < 3
+
+
 def test_status_with_no_head_says_so_in_one_line():
     run = flowspec("status", "--address", f"tcp://127.0.0.1:{free_ports(1)[0]}")
     assert run.returncode == 1

@@ -14,7 +14,7 @@ from flowspec_zmq.topology import make_local_topology
 
 
 def test_the_head_reports_each_nodes_place_health_memory_and_heartbeat() -> None:
-    topology = make_local_topology("smollm2-135m", 4, hosts=["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"],
+    topology = make_local_topology("smollm2-135m", 4, hosts=[f"10.0.0.{i}" for i in range(1, 6)],
                                    ports=[5600, 5599, 5601, 5610, 5620, 5630, 5640])
     watchdog = Watchdog(("stage1", "stage2", "stage3", "stage4"), dead_after_s=3.0, hung_after_s=60.0)
     watchdog.beat(encode_control(Heartbeat("stage1", 0.0, "a", 512.5)))
@@ -68,7 +68,7 @@ def test_the_table_shows_one_readable_row_per_node_in_80_columns() -> None:
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["node"])
     assert " ".join(" ".join(lines[:header]).split()) == (
         "smollm2-135m on 2 stages · unhealthy: stage stage2 is not responding (no heartbeat for 4.2 s) · 2 running, "
-        "1 queued · 3 requests, 96 tokens served")
+        "1 queued · served 3 requests, 96 tokens")
     rows = {line.split()[0]: line.split() for line in lines[header:] if line.strip() and "─" not in line}
     assert rows["node"] == ["node", "role", "host", "layers", "health", "memory", "heartbeat"]
     assert rows["head"] == ["head", "head", "127.0.0.1", "embed,", "lm_head", "ok", "1,865", "MB", "-"]
@@ -79,7 +79,10 @@ def test_the_table_shows_one_readable_row_per_node_in_80_columns() -> None:
 
 def test_a_healthy_cluster_and_a_stage_still_loading() -> None:
     loading = {**INFO["nodes"][2], "health": "starting", "rss_mb": None, "last_heartbeat_s": None}
-    info = {**INFO, "health": {"ok": True, "problem": None, "last_heartbeat_s": {}}, "nodes": [*INFO["nodes"][:2], loading]}
+    info = {**INFO, "health": {"ok": True, "problem": None, "last_heartbeat_s": {}},
+            "nodes": [*INFO["nodes"][:2], loading], "metrics": {"requests": 1, "tokens": 1, "queued": 0, "running": 0}}
     text = rendered(info)
-    assert "smollm2-135m on 2 stages · healthy · 2 running" in text
-    assert ["stage2", "stage", "10.0.0.3", "15–29", "(15)", "starting", "?", "never"] in [l.split() for l in text.splitlines()]
+    summary = "smollm2-135m on 2 stages · healthy · 0 running, 0 queued · served 1 request, 1 token"
+    assert summary in " ".join(text.split())
+    rows = [line.split() for line in text.splitlines()]
+    assert ["stage2", "stage", "10.0.0.3", "15–29", "(15)", "starting", "?", "never"] in rows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flowspec_zmq.emulation import DeviceProfile, LinkProfile
@@ -43,7 +45,7 @@ def test_default_file_is_the_qwen_chat_model_on_four_loopback_stages():
 
 
 def test_the_gemma_topology_runs_beside_the_default():
-    gemma = load_topology(default_topology_path().parent / "topologies" / "gemma3-270m.toml")
+    gemma = load_topology(Path(__file__).resolve().parent.parent / "topologies" / "gemma3-270m.toml")
     assert gemma.model.source == "gemma3-270m" and gemma.decoding == DecodingConfig()
     assert gemma.layer_windows(18) == {"stage1": (0, 5), "stage2": (5, 10), "stage3": (10, 14), "stage4": (14, 18)}
     default = load_topology(default_topology_path())

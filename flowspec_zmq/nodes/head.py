@@ -48,6 +48,7 @@ async def serve(topology_path: Path, name: str) -> None:
         topology.model.max_context, topology.decoding.prefill_chunk, drafts, topology.service,
         KVBudget.for_stages(config, topology.layer_windows(config.num_hidden_layers), head.dtype.itemsize,
                             topology.service.max_kv_mb),
+        topology=topology,
     )
     log.info("ready: clients on %s, ring to %s", tcp(node.host, node.client_port), first.name)
     announce_ready(plain, name)
