@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fresh machine to first tokens: install, prepare the models, run one generation on topology.toml.
+# Fresh machine to first tokens: install, prepare the test and benchmark models, then `flowspec demo`
+# prepares topology.toml's chat model (the first time) and answers one chat message on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install.sh
