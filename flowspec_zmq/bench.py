@@ -398,7 +398,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="flowspec bench", description=__doc__.split("\n")[0],
                                      epilog="Speed figures depend on this machine; never assert them in tests.")
     parser.add_argument("--model", default="gemma3-270m", help="prepared model name or directory")
-    parser.add_argument("--draft", choices=["int8", "bf16", "ngram"], default="int8")
+    parser.add_argument("--draft", default="int8", help="int8, bf16, ngram or model:NAME_OR_PATH")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--prompts", type=Path, default=PROMPTS, help="JSONL file of {category, prompt}")
     parser.add_argument("--prompts-per-config", type=int, default=None, help="use this many prompts (categories in turn)")

@@ -32,7 +32,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--draft", choices=["int8", "bf16", "ngram"])
+    parser.add_argument("--draft", help="int8, bf16, ngram or model:NAME_OR_PATH (a smaller model with the same tokenizer)")
     parser.add_argument("--segment-size", type=int)
     parser.add_argument("--tree-depth", type=int)
     parser.add_argument("--tree-top-k", type=int)

@@ -18,15 +18,15 @@ from typing import Collection, Literal, Protocol, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from .draft_vocab import load_ranking
+from .models import resolve_model_dir
 from .kv_cache import TreeKVCache
-from .model_slices import HeadModel, LayerWindow, WindowPart, load_layer_window
+from .model_slices import HeadModel, LayerWindow, WindowPart, load_head_model, load_layer_window
 from .tree import ROOT_PARENT, DraftTree
 
 log = logging.getLogger(__name__)
-
-DraftKind = Literal["int8", "bf16", "ngram"]
 
 
 @dataclass(frozen=True)
@@ -123,26 +123,26 @@ class DraftLM:
     @classmethod
     def load(cls, model_dir: Path, kind: Literal["int8", "bf16"], head: HeadModel, vocab_size: int) -> DraftLM:
         """The target's decoder layers as a draft, read layer by layer (int8: each quantized as it
-        is read, so no full float32 copy ever exists), with an int8 lm_head over the `vocab_size`
-        most frequent tokens (0: all)."""
-        config_layers = head.num_layers
+        is read, so no full float32 copy ever exists), sharing the head's embedding and norm, with
+        an int8 lm_head over the `vocab_size` most frequent tokens (0: all)."""
         if kind == "bf16":
-            window = load_layer_window(model_dir, 0, config_layers, torch.bfloat16)
+            window = load_layer_window(model_dir, 0, head.num_layers, torch.bfloat16)
         else:
-            window = load_layer_window(model_dir, 0, config_layers, torch.float32, quantize_layer)
-        weight = head.lm_head.weight.detach()
-        vocab = None
-        if 0 < vocab_size < weight.shape[0]:
-            ranked = load_ranking(model_dir)
-            if ranked is None:
-                raise FileNotFoundError(
-                    f"{model_dir} has no draft vocabulary ranking; run `flowspec prepare` on it, or set draft_vocab = 0"
-                )
-            vocab = torch.tensor(ranked[:vocab_size], dtype=torch.long)
-            weight = weight.index_select(0, vocab)
-        lm_head = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
-        lm_head[0].weight = nn.Parameter(weight.float(), requires_grad=False)  # no copy when already float32
-        return cls(window, head, quantize_layer(lm_head)[0], vocab)
+            window = load_layer_window(model_dir, 0, head.num_layers, torch.float32, quantize_layer)
+        return cls(window, head, *draft_lm_head(head, model_dir, vocab_size))
+
+    @classmethod
+    def load_model(cls, draft_dir: Path, model_dir: Path, head: HeadModel, vocab_size: int) -> DraftLM:
+        """Another, smaller model as the draft (what llama.cpp's -md and HF assisted generation
+        use): its own embedding, int8 layers and lm_head over the target's most frequent tokens;
+        refused unless it shares the target's tokenizer."""
+        check_same_tokenizer(draft_dir, model_dir)
+        draft_head = load_head_model(draft_dir, torch.float32)
+        if draft_head.lm_head.weight.shape[0] != head.lm_head.weight.shape[0]:
+            raise ValueError(f"the draft {draft_dir} scores {draft_head.lm_head.weight.shape[0]} tokens, the target "
+                             f"{head.lm_head.weight.shape[0]}: a draft must share the target's vocabulary")
+        window = load_layer_window(draft_dir, 0, draft_head.num_layers, torch.float32, quantize_layer)
+        return cls(window, draft_head, *draft_lm_head(draft_head, model_dir, vocab_size))
 
     def _sync(self, state: DraftState, tokens: Sequence[int]) -> None:
         """Bring the committed KV up to `tokens`, reusing the common prefix."""
@@ -210,6 +210,33 @@ class DraftState:
     tokens: list[int]
 
 
+def draft_lm_head(head: HeadModel, model_dir: Path, vocab_size: int) -> tuple[nn.Module, torch.Tensor | None]:
+    """An int8 lm_head over the target's `vocab_size` most frequent tokens (FR-Spec; 0: all of
+    them), and the token id of each of its rows (None: all, in order)."""
+    weight = head.lm_head.weight.detach()
+    vocab = None
+    if 0 < vocab_size < weight.shape[0]:
+        ranked = load_ranking(model_dir)
+        if ranked is None:
+            raise FileNotFoundError(
+                f"{model_dir} has no draft vocabulary ranking; run `flowspec prepare` on it, or set draft_vocab = 0"
+            )
+        vocab = torch.tensor(ranked[:vocab_size], dtype=torch.long)
+        weight = weight.index_select(0, vocab)
+    lm_head = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    lm_head[0].weight = nn.Parameter(weight.float(), requires_grad=False)  # no copy when already float32
+    return quantize_layer(lm_head)[0], vocab
+
+
+def check_same_tokenizer(draft_dir: Path, model_dir: Path) -> None:
+    """Speculation compares token ids: the draft must split text exactly as the target does."""
+    draft, target = (AutoTokenizer.from_pretrained(d) for d in (draft_dir, model_dir))
+    if draft.get_vocab() != target.get_vocab() or draft.all_special_ids != target.all_special_ids:
+        raise ValueError(
+            f"the draft {draft_dir} has another tokenizer than the target {model_dir} ({len(draft)} vs "
+            f"{len(target)} tokens): a draft model must share the target's tokenizer")
+
+
 def quantize_layer(module: nn.Module) -> nn.Module:
     """int8 dynamic quantization of every Linear below `module`, in place (the draft's precision
     never affects losslessness; on this class of CPU it is 4-10x faster than float32 or bfloat16)."""
@@ -269,9 +296,14 @@ class NgramDraft:
         self.prefixes[request] = list(committed[:-1])
 
 
-def make_draft_source(kind: DraftKind, model_dir: Path, head: HeadModel, vocab_size: int) -> DraftSource:
+MODEL_DRAFT = "model:"  # draft = "model:NAME_OR_PATH": another model sharing the target's tokenizer
+
+
+def make_draft_source(kind: str, model_dir: Path, head: HeadModel, vocab_size: int) -> DraftSource:
     if kind in ("int8", "bf16"):
         return DraftLM.load(model_dir, kind, head, vocab_size)
     if kind == "ngram":
         return NgramDraft()
-    raise ValueError(f"unknown draft kind {kind!r}")
+    if kind.startswith(MODEL_DRAFT):
+        return DraftLM.load_model(resolve_model_dir(kind.removeprefix(MODEL_DRAFT)), model_dir, head, vocab_size)
+    raise ValueError(f"unknown draft {kind!r}: int8, bf16, ngram or model:NAME_OR_PATH")

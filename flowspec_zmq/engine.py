@@ -23,7 +23,8 @@ from .model_slices import HeadModel
 from .protocol import Message
 from .sampling import SamplingParams
 from .scheduler import (
-    FlightPlan, GenerationRequest, GenerationStats, HeadWorkers, OnTokens, RingDown, Scheduler, Send, StageFailure,
+    FlightPlan, GenerationRequest, GenerationStats, HeadWorkers, OnTokens, RequestRejected, RingDown, Scheduler, Send,
+    StageFailure,
 )
 from .strategies import make_strategy
 from .topology import DecodingConfig, ServiceConfig
@@ -92,7 +93,10 @@ class HeadEngine:
     def draft_source(self, kind: str, vocab: int) -> DraftSource:
         if (kind, vocab) not in self.drafts:
             log.info("loading the %s draft (draft vocabulary %s)", kind, vocab or "full")
-            self.drafts[kind, vocab] = make_draft_source(kind, self.model_dir, self.head, vocab)
+            try:
+                self.drafts[kind, vocab] = make_draft_source(kind, self.model_dir, self.head, vocab)
+            except (ValueError, OSError) as exc:  # an unknown, missing or incompatible draft: the request's choice
+                raise RequestRejected(f"draft {kind!r}: {exc}") from None
         return self.drafts[kind, vocab]
 
     async def generate(self, ids: list[int], options: DecodingConfig, on_tokens: OnTokens) -> GenerationStats:

@@ -21,9 +21,10 @@ from .strategies import MODES, Mode
 
 Role = Literal["head", "stage"]
 Dtype = Literal["float32", "bfloat16", "float16"]
-Draft = Literal["int8", "bf16", "ngram"]
+DraftKind = Literal["int8", "bf16", "ngram"]
+Draft = str  # a DraftKind, or "model:NAME_OR_PATH": another model sharing the target's tokenizer
 DTYPES: tuple[str, ...] = get_args(Dtype)
-DRAFTS: tuple[str, ...] = get_args(Draft)
+DRAFTS: tuple[str, ...] = get_args(DraftKind)
 
 
 class TopologyError(ValueError):
@@ -231,6 +232,13 @@ class _Reader:
         return value
 
 
+def _draft(reader: _Reader, default: str) -> str:
+    value = reader.get("draft", str, default)
+    if value not in DRAFTS and not (value.startswith("model:") and value.removeprefix("model:").strip()):
+        reader.fail("draft", f"must be one of {', '.join(DRAFTS)} or model:NAME_OR_PATH, got {value!r}")
+    return value
+
+
 def _port(reader: _Reader, key: str, required: bool) -> int | None:
     value = reader.get(key, int, ... if required else None)
     if value is not None and not 1 <= value <= 65535:
@@ -267,7 +275,7 @@ def _decoding(path: str, table: Any, where: str = "decoding") -> DecodingConfig:
         top_k=top_k,
         top_p=top_p,
         seed=r.get("seed", (int, type(None)), d.seed),  # None (from a merged default): a random seed
-        draft=r.get("draft", str, d.draft, DRAFTS),
+        draft=_draft(r, d.draft),
         tree_total_tokens=r.positive("tree_total_tokens", d.tree_total_tokens, limit=MAX_TREE),
         tree_depth=r.positive("tree_depth", d.tree_depth, limit=MAX_TREE),
         tree_top_k=r.positive("tree_top_k", d.tree_top_k, limit=MAX_TREE),

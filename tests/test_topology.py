@@ -133,6 +133,7 @@ def test_local_topology_carries_emulation_hosts_and_typed_decoding_values():
     assert t.model.max_context == 600 and t.link == LinkProfile(150.0, 3.0)
     assert [s.profile for s in t.stages] == paced
     assert (t.decoding.temperature, t.decoding.draft) == (0.0, "ngram")
+    assert parse_topology(local_topology_toml("gemma3-270m", 2, draft="model:my-draft")).decoding.draft == "model:my-draft"
     one = make_local_topology("smollm2-135m", 3, profile=DeviceProfile(2.0, 0.1))
     assert {s.profile for s in one.stages} == {DeviceProfile(2.0, 0.1)}
 
@@ -219,6 +220,7 @@ def _without(text: str, line: str) -> str:
         (topology(stage("a", 6010), model='[model]\nsource = "x"\ndtype = "int3"\n'), "model.dtype: must be one of"),
         (topology(stage("a", 6010), rest='[decoding]\nmode = "warp"\n'), "decoding.mode: must be one of"),
         (topology(stage("a", 6010), rest='[decoding]\ndraft = "oracle"\n'), "decoding.draft: must be one of"),
+        (topology(stage("a", 6010), rest='[decoding]\ndraft = "model: "\n'), "decoding.draft: .*model:NAME_OR_PATH"),
         # sizes and sampling ranges
         (topology(stage("a", 6010), model=MODEL + "max_context = 0\n"), "model.max_context: must be positive"),
         (topology(stage("a", 6010), rest="[decoding]\nmax_new_tokens = -1\n"), "decoding.max_new_tokens: must be positive"),
