@@ -220,7 +220,7 @@ def _without(text: str, line: str) -> str:
         (topology(stage("a", 6010), model='[model]\nsource = "x"\ndtype = "int3"\n'), "model.dtype: must be one of"),
         (topology(stage("a", 6010), rest='[decoding]\nmode = "warp"\n'), "decoding.mode: must be one of"),
         (topology(stage("a", 6010), rest='[decoding]\ndraft = "oracle"\n'), "decoding.draft: must be one of"),
-        (topology(stage("a", 6010), rest='[decoding]\ndraft = "model: "\n'), "decoding.draft: .*model:NAME_OR_PATH"),
+        (topology(stage("a", 6010), rest='[decoding]\ndraft = "model: "\n'), "decoding.draft: must be one of int8, bf16, ngram or model:NAME_OR_PATH"),
         # sizes and sampling ranges
         (topology(stage("a", 6010), model=MODEL + "max_context = 0\n"), "model.max_context: must be positive"),
         (topology(stage("a", 6010), rest="[decoding]\nmax_new_tokens = -1\n"), "decoding.max_new_tokens: must be positive"),
