@@ -509,6 +509,9 @@ class Scheduler:
             return
         ready.sort(key=lambda f: f.last_verified)
         per_request = max(2, min(VERIFY_ROWS, VERIFY_BATCH_ROWS // len(ready)))
+        # Alone, rows off the likely path cost nothing extra (the lm_head reads its weights once for
+        # a few rows); shared, every row costs ~3 ms, so each request sends only its likely path.
+        off_path = len(ready) == 1
         jobs, rows = [], []
         for flight in ready:
             if flight.first_row is not None:
@@ -517,7 +520,7 @@ class Scheduler:
                 jobs.append(VerifyJob(flight, [], [position]))
                 rows.append(hidden)
                 continue
-            node_ids = self._rows_to_verify(flight, per_request)
+            node_ids = self._rows_to_verify(flight, per_request, off_path)
             if not node_ids:
                 continue
             taken = [flight.returned.pop(node) for node in node_ids]
@@ -542,9 +545,10 @@ class Scheduler:
         return picks
 
     @staticmethod
-    def _rows_to_verify(flight: Flight, limit: int) -> list[int]:
+    def _rows_to_verify(flight: Flight, limit: int, off_path: bool) -> list[int]:
         """Rows for one lm_head call: the path the draft finds most likely (from the root, through
-        the best returned child at each level), then other returned rows by score, up to `limit`.
+        the best returned child at each level), then (`off_path`) other returned rows by score, up
+        to `limit`.
         Only the verification walk reads targets; rows it does not reach stay waiting and are
         usually pruned before they would cost anything."""
         tree, waiting = flight.tree, flight.returned
@@ -558,7 +562,7 @@ class Scheduler:
             node = max(children, key=lambda n: n.score)
         if not path:  # the root is still in flight: nothing below it can be judged yet
             return []
-        others = sorted((n for n in waiting if n not in path), key=lambda n: -tree.nodes[n].score)
+        others = sorted((n for n in waiting if n not in path), key=lambda n: -tree.nodes[n].score) if off_path else []
         return (path + others)[:limit]
 
     async def _apply_verification(self, future: asyncio.Future, jobs: list[VerifyJob]) -> None:
