@@ -373,7 +373,7 @@ METRICS: list[tuple[str, str, str, Callable[[dict[str, Any]], float]]] = [
      lambda i: i["metrics"]["tokens"] / i["metrics"]["decode_seconds"] if i["metrics"]["decode_seconds"] else 0.0),
     ("accepted_tokens_per_verification", "gauge", "tokens committed per verification since the head started",
      lambda i: i["metrics"]["tokens"] / i["metrics"]["verifications"] if i["metrics"]["verifications"] else 0.0),
-    ("queued_requests", "gauge", "requests waiting for the running one", lambda i: i["metrics"]["queued"]),
+    ("queued_requests", "gauge", "requests waiting for a decoding slot (max_requests)", lambda i: i["metrics"]["queued"]),
     ("running_requests", "gauge", "requests running now", lambda i: i["metrics"]["running"]),
 ]
 
