@@ -204,10 +204,11 @@ async def test_a_bad_or_missing_api_key_is_a_401(gateway):
 
 async def test_a_full_queue_is_a_429(head, three_stages, drafts, model_dir, tokenizer):
     async with in_process_ring(head, three_stages) as ring, \
-            in_process_head(ring, model_dir, tokenizer, drafts, ServiceConfig(max_queued_requests=1)) as (_, address), \
+            in_process_head(ring, model_dir, tokenizer, drafts, ServiceConfig(max_requests=1, max_queued_requests=1)
+                            ) as (_, address), \
             in_process_gateway(create_app(address)) as url, openai_client(url, "no key needed") as client:
         running = Client(address).stream(PROMPTS["story"], max_new_tokens=60, mode="ar")
-        await anext(running)  # the first request runs now
+        await anext(running)  # the first request runs now, in the only slot
         queued = asyncio.create_task(Client(address).complete(PROMPTS["code"], max_new_tokens=4))
         await asyncio.sleep(0.3)
         with pytest.raises(openai.RateLimitError, match="busy: 1 requests are waiting"):
