@@ -27,6 +27,7 @@ from .detokenize import TextStream
 from .draft import DraftSource
 from .engine import HeadEngine, RingHealth
 from .kv_budget import KVBudget
+from .layer_sizes import model_windows
 from .liveness import Watchdog
 from .memory import return_free_memory
 from .model_slices import HeadModel
@@ -113,7 +114,7 @@ class HeadNode:
     ) -> None:
         self.name = name
         self.topology = topology
-        self.num_layers = head.num_layers
+        self.windows = model_windows(topology, model_dir) if topology else {}  # for `flowspec status`
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.link = link
@@ -248,7 +249,7 @@ class HeadNode:
         return {"model": str(self.model_dir), "stages": self.num_stages, "max_context": self.max_context,
                 "defaults": asdict(self.defaults),
                 "health": {"ok": problem is None, "problem": problem, "last_heartbeat_s": seen},
-                "nodes": node_status(self.name, self.watchdog, self.topology, self.num_layers),
+                "nodes": node_status(self.name, self.watchdog, self.topology, self.windows),
                 "metrics": {**asdict(self.metrics), "queued": len(self.jobs), "running": len(self.serving)}}
 
     async def _serve(self) -> None:

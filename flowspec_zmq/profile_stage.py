@@ -37,6 +37,7 @@ from rich.table import Table
 from .draft import DraftLM, DraftStep, Frontier, TreeShape
 from .model_slices import WindowPart, load_config, load_head_model, load_layer_window
 from .models import resolve_model_dir
+from .topology import DecodingConfig
 from .tree import ROOT_PARENT
 
 ROWS = (1, 2, 4, 8, 16, 32)
@@ -195,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     console.print(f"window:    fixed_ms = {fit.fixed_ms:.3f}, per_token_ms = {fit.per_token_ms:.4f}")
     console.print(f"per layer: fixed_ms = {per_layer.fixed_ms:.3f}, per_token_ms = {per_layer.per_token_ms:.4f}")
+    # Only ratios of speeds matter to the split, so layers per second measured alike on every node serve as `speed`.
+    rows = DecodingConfig.segment_size
+    speed = 1000 / (per_layer.fixed_ms + per_layer.per_token_ms * rows)
+    console.print(f"speed:     {speed:.1f} layers/s over a {rows}-row segment (this node's `speed` in topology.toml "
+                  "when every stage's is measured so)")
     report = {"model": model_dir.name, "first": args.first, "layers": layers, "context": args.context,
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "median_ms": times,
-              "window": asdict(fit), "per_layer": asdict(per_layer)}
+              "window": asdict(fit), "per_layer": asdict(per_layer), "speed_layers_per_s": speed}
     if args.head:
         width, top_k = (int(v) for v in args.draft_step.split(","))
         head = profile_head(model_dir, args.context, args.repeats, TreeShape(top_k=top_k, width=width), args.draft_vocab)

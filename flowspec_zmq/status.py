@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from rich import box
 from rich.console import Group
@@ -24,12 +24,12 @@ from .topology import Topology
 HEALTH_STYLES = {"ok": "green", "starting": "yellow"}  # anything else is a problem: red
 
 
-def node_status(head: str, watchdog: Watchdog, topology: Topology | None, num_layers: int) -> list[dict[str, Any]]:
-    """One map per node, the head first: name, role, host and layers (None without a topology),
+def node_status(head: str, watchdog: Watchdog, topology: Topology | None,
+                windows: Mapping[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """One map per node, the head first: name, role, host and layers (from `windows`; None without),
     health (liveness.Health), rss_mb (None: not heard yet) and last_heartbeat_s (None: none yet;
     the head itself sends none)."""
     hosts = {node.name: node.host for node in topology.nodes} if topology else {}
-    windows = topology.layer_windows(num_layers) if topology else {}
     now = time.monotonic()
     rows = [{"name": head, "role": "head", "host": hosts.get(head), "layers": None, "health": "ok",
              "rss_mb": resident_mb(os.getpid()), "last_heartbeat_s": None}]

@@ -24,6 +24,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 DraftKind = Literal["int8", "bf16", "ngram"]
 Draft = str  # a DraftKind, or "model:NAME_OR_PATH": another model sharing the target's tokenizer
 DTYPES: tuple[str, ...] = get_args(Dtype)
+ITEMSIZE: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per weight of each Dtype
 DRAFTS: tuple[str, ...] = get_args(DraftKind)
 
 
@@ -76,6 +77,7 @@ class ServiceConfig:
     restart_backoff_s: float = 0.5  # first restart delay; doubles per recent death, at most 30 s
 
 
+MB, GB = 1 << 20, 1 << 30
 LOOPBACK = "127.0.0.1"
 HTTP_NODE = "http"  # the gateway's name among the nodes `flowspec launch` starts
 
@@ -110,10 +112,12 @@ class NodeConfig:
     role: Role
     host: str
     port: int
-    layers: tuple[int, int] | None = None  # None: an even share of the layers nobody claimed
+    layers: tuple[int, int] | None = None  # None: a share of the layers nobody claimed, balanced by speed
     client_port: int | None = None
     control_port: int | None = None
     profile: DeviceProfile | None = None  # emulate this device's speed (stages only)
+    speed: float = 1.0  # relative speed of an auto stage (2.0: twice as fast); its share of layers follows it
+    memory_gb: float | None = None  # memory a stage may use for its weights and KV caches; None: no limit
 
 
 @dataclass(frozen=True)
@@ -151,9 +155,11 @@ class Topology:
         index = [n.name for n in ring].index(self.node(name).name)
         return ring[(index + 1) % len(ring)]
 
-    def layer_windows(self, num_layers: int) -> dict[str, tuple[int, int]]:
-        """Each stage's [first, last) layers; "auto" stages split the unclaimed layers evenly, in
-        file order, earlier stages taking the remainder."""
+    def layer_windows(self, num_layers: int, layer_params: int | None = None) -> dict[str, tuple[int, int]]:
+        """Each stage's [first, last) layers. "auto" stages share the unclaimed layers in file order,
+        each as many as balanced_shares gives it for its speed and memory_gb (equal speeds: an even
+        split, earlier stages taking the remainder). `layer_params`, the parameters of one decoder
+        layer (layer_sizes.model_windows reads them), is needed once a stage declares memory_gb."""
         stages = self.stages
         claimed = sorted((n.layers, n.name) for n in stages if n.layers is not None)
         for (start, end), name in claimed:
@@ -162,19 +168,22 @@ class Topology:
         for ((_, end_a), a), ((start_b, _), b) in zip(claimed, claimed[1:]):
             if start_b < end_a:
                 self._fail_layers(b, f"overlaps the window of {a!r} (layers {start_b}..{end_a - 1} claimed twice)")
-        auto = [n.name for n in stages if n.layers is None]
+        auto = [n for n in stages if n.layers is None]
         free = [i for i in range(num_layers) if not any(s <= i < e for (s, e), _ in claimed)]
         if len(free) < len(auto):
-            self._fail_layers(auto[0], f"{len(auto)} auto stages ({', '.join(auto)}) but only {len(free)} unclaimed layers")
+            self._fail_layers(auto[0].name, f"{len(auto)} auto stages ({', '.join(n.name for n in auto)}) but only "
+                              f"{len(free)} unclaimed layers")
+        if layer_params is None and (limited := next((n for n in stages if n.memory_gb is not None), None)):
+            raise ValueError(f"{limited.name}'s memory_gb needs the model's layer size: pass layer_params")
+        layer_bytes = (layer_params or 0) * ITEMSIZE[self.model.dtype]
         windows = {name: layers for layers, name in claimed}
-        share, extra = divmod(len(free), len(auto)) if auto else (0, 0)
+        shares = balanced_shares(len(free), [n.speed for n in auto], [self._layer_room(n, layer_bytes) for n in auto])
         cursor = 0
-        for i, name in enumerate(auto):
-            size = share + (1 if i < extra else 0)
+        for node, size in zip(auto, shares):
             chunk = free[cursor : cursor + size]
             if chunk != list(range(chunk[0], chunk[-1] + 1)):
-                self._fail_layers(name, f"its auto share of layers {chunk} is not contiguous; give the stages around it explicit windows")
-            windows[name] = (chunk[0], chunk[-1] + 1)
+                self._fail_layers(node.name, f"its auto share of layers {chunk} is not contiguous; give the stages around it explicit windows")
+            windows[node.name] = (chunk[0], chunk[-1] + 1)
             cursor += size
         if lost := free[cursor:]:  # only when no stage is auto
             around = " and ".join(f"{n!r} {list(w)}" for n, w in windows.items() if w[1] == lost[0] or w[0] == lost[-1] + 1)
@@ -184,14 +193,45 @@ class Topology:
         if ring_order != sorted(ring_order):
             named = ", ".join(f"{n.name!r} {windows[n.name]}" for n in stages)
             self._fail_layers(None, f"stages must hold consecutive layers in ring (file) order, got {named}")
+        for node in stages:
+            first, last = windows[node.name]
+            if last - first > self._layer_room(node, layer_bytes):
+                self._fail_layers(node.name, f"{node.memory_gb:g} GB cannot hold its layers [{first}, {last}): "
+                                  f"{self._memory_need(last - first, layer_bytes)}", key="memory_gb")
         return windows
 
-    def _fail_layers(self, node_name: str | None, problem: str) -> NoReturn:
-        """Raise a TopologyError at `nodes[i].layers` of the named node, or at `nodes` as a whole."""
+    def _layer_room(self, node: NodeConfig, layer_bytes: int) -> float:
+        """How many layers fit in the node's memory_gb beside its KV caches (inf: no limit)."""
+        if node.memory_gb is None:
+            return float("inf")
+        return (node.memory_gb * GB - self.service.max_kv_mb * MB) // layer_bytes
+
+    def _memory_need(self, layers: int, layer_bytes: int) -> str:
+        kv = self.service.max_kv_mb * MB
+        return (f"{layers} x {layer_bytes / MB:.0f} MB of {self.model.dtype} weights + {self.service.max_kv_mb} MB of "
+                f"KV caches ([service] max_kv_mb) = {(layers * layer_bytes + kv) / GB:.2f} GB")
+
+    def _fail_layers(self, node_name: str | None, problem: str, key: str = "layers") -> NoReturn:
+        """Raise a TopologyError at `nodes[i].KEY` of the named node, or at `nodes` as a whole."""
         if node_name is None:
             raise TopologyError(f"{self.path}: nodes: {problem}")
         index = next(i for i, n in enumerate(self.nodes) if n.name == node_name)
-        raise TopologyError(f"{self.path}: nodes[{index}].layers ({node_name!r}): {problem}")
+        raise TopologyError(f"{self.path}: nodes[{index}].{key} ({node_name!r}): {problem}")
+
+
+def balanced_shares(layers: int, speeds: Sequence[float], rooms: Sequence[float]) -> list[int]:
+    """Layers per stage: one each, then every further layer to the stage whose paced time after taking
+    it, (share + 1) / speed, is smallest among those with room left. Each step takes the smallest
+    stage time still on offer, so the largest one ends up as small as whole layers allow. A tie goes
+    to the faster stage (less time added to a token's trip through the ring), then the earlier one.
+    When no stage has room the layer goes to the best stage anyway, so that the memory check names a
+    stage that overflows."""
+    shares = [1] * len(speeds)
+    for _ in range(layers - len(speeds) if speeds else 0):
+        candidates = [i for i, share in enumerate(shares) if share < rooms[i]] or range(len(shares))
+        best = min(candidates, key=lambda i: ((shares[i] + 1) / speeds[i], 1 / speeds[i], i))
+        shares[best] += 1
+    return shares
 
 
 class _Reader:
@@ -314,6 +354,9 @@ def _link(path: str, table: Any) -> LinkProfile:
     return LinkProfile(bandwidth, delay)
 
 
+MAX_HINT = 1e6  # speed and memory_gb: any real machine is far below
+
+
 def _node(path: str, index: int, table: Any) -> NodeConfig:
     r = _Reader(path, f"nodes[{index}]", table)
     r.only({f.name for f in fields(NodeConfig)})
@@ -326,6 +369,9 @@ def _node(path: str, index: int, table: Any) -> NodeConfig:
             r.fail("layers", "the head holds no decoder layers")
         if "profile" in r.table:
             r.fail("profile", "only stages are paced to a device profile")
+        for key in ("speed", "memory_gb"):
+            if key in r.table:
+                r.fail(key, "only stages are given a share of the layers")
     else:
         for key in ("client_port", "control_port"):
             if key in r.table:
@@ -345,6 +391,8 @@ def _node(path: str, index: int, table: Any) -> NodeConfig:
         client_port=_port(r, "client_port", role == "head"),
         control_port=_port(r, "control_port", role == "head"),
         profile=_profile(path, f"nodes[{index}].profile", r.table["profile"]) if "profile" in r.table else None,
+        speed=float(r.positive("speed", 1.0, float, limit=MAX_HINT)),
+        memory_gb=float(r.positive("memory_gb", ..., float, limit=MAX_HINT)) if "memory_gb" in r.table else None,
     )
 
 
@@ -410,6 +458,7 @@ def local_topology_toml(
     max_context: int = 1024,
     link: LinkProfile | None = None,
     profile: DeviceProfile | Sequence[DeviceProfile] | None = None,
+    speeds: Sequence[float] | None = None,
     ports: Sequence[int] | None = None,
     dtype: str = "float32",
     service: dict[str, Any] | None = None,
@@ -419,8 +468,9 @@ def local_topology_toml(
 
     `hosts[i]` places node i (the head first) on that address, else all on 127.0.0.1. `ports` are
     the head's ring, client and control ports followed by one per stage (default: free ports now).
-    `profile` paces every stage alike, or stage i to profile[i]; `link` shapes every hop; `service` and
-    `decoding` fill those tables. Nothing is checked here: parse_topology does that.
+    `profile` paces every stage alike, or stage i to profile[i]; stage i declares `speed = speeds[i]`
+    (the auto split balances by it); `link` shapes every hop; `service` and `decoding` fill those
+    tables. Nothing is checked here: parse_topology does that.
     """
     hosts = list(hosts) if hosts is not None else [LOOPBACK] * (num_stages + 1)
     ports = list(ports) if ports is not None else free_ports(num_stages + 3)
@@ -430,6 +480,8 @@ def local_topology_toml(
     profiles = list(profile) if isinstance(profile, Sequence) else [profile] * num_stages
     if len(profiles) != num_stages:
         raise ValueError(f"{num_stages} stages need one profile each, got {len(profiles)}")
+    if speeds is not None and len(speeds) != num_stages:
+        raise ValueError(f"{num_stages} stages need one speed each, got {len(speeds)}")
     lines = [f"[model]\nsource = {_toml_value(model)}\ndtype = {_toml_value(dtype)}\nmax_context = {max_context}\n",
              "[decoding]", *(f"{key} = {_toml_value(value)}" for key, value in decoding.items()), ""]
     if service:
@@ -443,6 +495,8 @@ def local_topology_toml(
                      f'port = {ports[3 + i]}\nlayers = "auto"\n')
         if paced is not None:
             lines.append(f"profile = {{ fixed_ms = {paced.fixed_ms!r}, per_token_ms = {paced.per_token_ms!r} }}\n")
+        if speeds is not None:
+            lines.append(f"speed = {float(speeds[i])!r}\n")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ def test_the_head_reports_each_nodes_place_health_memory_and_heartbeat() -> None
     watchdog.beat(encode_control(Heartbeat("stage3", 0.0, "c", 498.0)))
     watchdog.last_seen["stage3"] = time.monotonic() - 10  # silent since
     watchdog.beat(encode_control(Heartbeat("stage4", 61.0, "d", 0.0)))
-    head, stage1, stage2, stage3, stage4 = node_status("head", watchdog, topology, 30)
+    head, stage1, stage2, stage3, stage4 = node_status("head", watchdog, topology, topology.layer_windows(30))
     assert head["rss_mb"] > 50  # this very process: Python, torch, the test's imports
     assert {k: v for k, v in head.items() if k != "rss_mb"} == {
         "name": "head", "role": "head", "host": "10.0.0.1", "layers": None, "health": "ok", "last_heartbeat_s": None}
@@ -32,11 +32,11 @@ def test_the_head_reports_each_nodes_place_health_memory_and_heartbeat() -> None
     assert stage3["health"] == "silent" and stage3["last_heartbeat_s"] >= 10
     assert (stage4["layers"], stage4["health"]) == ((23, 30), "hung")
     watchdog.started -= watchdog.startup_grace_s
-    assert node_status("head", watchdog, topology, 30)[2]["health"] == "never seen"
+    assert node_status("head", watchdog, topology, topology.layer_windows(30))[2]["health"] == "never seen"
 
 
 def test_without_a_topology_hosts_and_layers_are_unknown() -> None:
-    _, stage = node_status("head", Watchdog(("stage1",)), None, 30)
+    _, stage = node_status("head", Watchdog(("stage1",)), None, {})
     assert (stage["host"], stage["layers"], stage["health"]) == (None, None, "starting")
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from flowspec_zmq.emulation import DeviceProfile, LinkProfile
+from flowspec_zmq.layer_sizes import layer_parameters, model_windows
 from flowspec_zmq.topology import (
     DecodingConfig,
     HttpConfig,
     TopologyError,
+    balanced_shares,
     default_topology_path,
     load_topology,
     local_topology_toml,
@@ -95,6 +98,88 @@ def test_fully_explicit_windows():
     assert t.layer_windows(18) == {"a": (0, 1), "b": (1, 18)}
 
 
+def hinted(speeds: list[float], memory: dict[int, float] | None = None) -> list[str]:
+    """Auto stages a, b, c, ... with these speeds, stage i limited to memory[i] GB."""
+    return [stage(name, 6010 + i, extra=f"speed = {speed}\n" + (f"memory_gb = {memory[i]}\n" if i in (memory or {}) else ""))
+            for i, (name, speed) in enumerate(zip("abcdefgh", speeds))]
+
+
+def slowest_stage_time(shares: list[int], speeds: list[float]) -> float:
+    return max(share / speed for share, speed in zip(shares, speeds))
+
+
+def test_a_stage_half_as_fast_gets_fewer_layers_and_no_stage_is_slower_than_it_must_be():
+    t = parse_topology(topology(*hinted([1, 1, 0.5, 1])))
+    assert t.layer_windows(18) == {"a": (0, 6), "b": (6, 11), "c": (11, 13), "d": (13, 18)}
+    # Stage times 6, 5, 4, 5 (an even split: 5, 5, 8, 4). 5, 5, 3, 5 would also peak at 6 but adds a
+    # slow layer to every token's trip through the ring.
+    assert slowest_stage_time([6, 5, 2, 5], [1, 1, 0.5, 1]) == 6
+
+
+@pytest.mark.parametrize("speeds", [[1, 1, 0.5, 1], [3, 1, 2], [0.7, 1.3, 1, 0.4, 2.5], [1, 1, 1]])
+def test_balanced_shares_minimise_the_slowest_stage_like_a_brute_force(speeds):
+    for layers in range(len(speeds), 13):
+        best = min(slowest_stage_time(list(split), speeds)
+                   for split in itertools.product(range(1, layers + 1), repeat=len(speeds)) if sum(split) == layers)
+        shares = balanced_shares(layers, speeds, [float("inf")] * len(speeds))
+        assert sum(shares) == layers and min(shares) >= 1
+        assert slowest_stage_time(shares, speeds) == pytest.approx(best), (layers, shares)
+
+
+def test_balanced_shares_respect_each_stage_room_and_stay_optimal():
+    speeds, rooms = [1, 2, 1], [3, float("inf"), 2]
+    for layers in range(3, 12):
+        fits = [split for split in itertools.product(range(1, layers + 1), repeat=3)
+                if sum(split) == layers and all(s <= r for s, r in zip(split, rooms))]
+        shares = balanced_shares(layers, speeds, rooms)
+        assert all(s <= r for s, r in zip(shares, rooms))
+        assert slowest_stage_time(shares, speeds) == min(slowest_stage_time(list(s), speeds) for s in fits)
+
+
+def test_explicit_windows_and_auto_stages_with_speeds_mix():
+    t = parse_topology(topology(stage("a", 6010, "[0, 4]"), stage("b", 6020, extra="speed = 2\n"), stage("c", 6030)))
+    # 26 free layers for b (twice as fast) and c: 18 and 8 (times 9 and 8)
+    assert t.layer_windows(30) == {"a": (0, 4), "b": (4, 22), "c": (22, 30)}
+
+
+LAYER = 10_000_000  # parameters of one decoder layer: 38 MB in float32
+SMALL_KV = "[service]\nmax_kv_mb = 64\n"
+
+
+def test_memory_gb_caps_an_auto_stage_and_the_others_take_the_rest():
+    t = parse_topology(topology(*hinted([1, 1, 1], {1: 0.2}), rest=SMALL_KV))
+    # 0.2 GB = 204.8 MB: 64 MB of KV caches and 3 layers of 38 MB
+    assert t.layer_windows(18, LAYER) == {"a": (0, 8), "b": (8, 11), "c": (11, 18)}
+
+
+@pytest.mark.parametrize(
+    "nodes, fragment",
+    [
+        (hinted([1], {0: 0.2}),
+         "nodes[1].memory_gb ('a'): 0.2 GB cannot hold its layers [0, 18): 18 x 38 MB of float32 weights "
+         "+ 64 MB of KV caches ([service] max_kv_mb) = 0.73 GB"),
+        (hinted([1, 1], {0: 0.2, 1: 0.3}), "nodes[1].memory_gb ('a'): 0.2 GB cannot hold its layers [0, 9): 9 x 38 MB"),
+        (hinted([1, 1], {0: 0.05}), "nodes[1].memory_gb ('a'): 0.05 GB cannot hold its layers [0, 1): 1 x 38 MB"),
+        ([stage("a", 6010, "[0, 9]", "memory_gb = 0.2\n"), stage("b", 6020)],
+         "nodes[1].memory_gb ('a'): 0.2 GB cannot hold its layers [0, 9): 9 x 38 MB"),
+    ],
+)
+def test_a_split_that_does_not_fit_names_the_stage_its_memory_and_its_need(nodes, fragment):
+    t = parse_topology(topology(*nodes, rest=SMALL_KV), "my.toml")
+    with pytest.raises(TopologyError, match=None) as error:
+        t.layer_windows(18, LAYER)
+    assert str(error.value).startswith("my.toml: ") and fragment in str(error.value), str(error.value)
+
+
+def test_memory_gb_is_checked_against_the_model_own_layer_size(model_dir):
+    # SmolLM2-135M: q, o 576x576, k, v 576x192, gate, up, down 576x1536, two norms of 576
+    assert layer_parameters(model_dir) == 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576
+    t = parse_topology(topology(*hinted([1, 1], {0: 2.05})))
+    assert model_windows(t, model_dir) == {"a": (0, 3), "b": (3, 30)}  # 2048 MB of KV leave room for 3 layers of 13.5 MB
+    with pytest.raises(ValueError, match="pass layer_params"):
+        t.layer_windows(30)
+
+
 def test_same_port_on_different_hosts_is_fine():
     t = parse_topology(topology(stage("a", 6010, host="10.0.0.2"), stage("b", 6010, host="10.0.0.3")))
     assert [s.port for s in t.stages] == [6010, 6010]
@@ -136,6 +221,9 @@ def test_local_topology_carries_emulation_hosts_and_typed_decoding_values():
     assert parse_topology(local_topology_toml("gemma3-270m", 2, draft="model:my-draft")).decoding.draft == "model:my-draft"
     one = make_local_topology("smollm2-135m", 3, profile=DeviceProfile(2.0, 0.1))
     assert {s.profile for s in one.stages} == {DeviceProfile(2.0, 0.1)}
+    hinted_ring = make_local_topology("gemma3-270m", 4, speeds=[1, 0.5, 1, 1])
+    assert [s.speed for s in hinted_ring.stages] == [1.0, 0.5, 1.0, 1.0]
+    assert [last - first for first, last in hinted_ring.layer_windows(18).values()] == [6, 2, 5, 5]
 
 
 def test_local_topology_wants_one_host_per_node_and_one_profile_per_stage():
@@ -143,6 +231,8 @@ def test_local_topology_wants_one_host_per_node_and_one_profile_per_stage():
         local_topology_toml("smollm2-135m", 2, hosts=["127.0.0.1"])
     with pytest.raises(ValueError, match="one profile each"):
         local_topology_toml("smollm2-135m", 2, profile=[DeviceProfile(1.0, 1.0)])
+    with pytest.raises(ValueError, match="one speed each"):
+        local_topology_toml("smollm2-135m", 2, speeds=[1.0])
 
 
 @pytest.mark.parametrize(
@@ -245,6 +335,15 @@ def _without(text: str, line: str) -> str:
         (topology(stage("a", 6010), head=HEAD + 'layers = "auto"\n'), "nodes[0].layers: the head holds no decoder layers"),
         (topology(stage("a", 6010, extra="client_port = 7000\n")), "nodes[1].client_port: only the head has this port"),
         (topology(stage("a", 6010, extra="control_port = 7000\n")), "nodes[1].control_port: only the head has this port"),
+        # speed and memory hints
+        (topology(stage("a", 6010, extra="speed = 0\n")), "nodes[1].speed: must be positive"),
+        (topology(stage("a", 6010, extra="speed = -2.0\n")), "nodes[1].speed: must be positive"),
+        (topology(stage("a", 6010, extra='speed = "fast"\n')), "nodes[1].speed: must be int or float"),
+        (topology(stage("a", 6010, extra="speed = nan\n")), "nodes[1].speed: must be positive"),
+        (topology(stage("a", 6010, extra="memory_gb = 0\n")), "nodes[1].memory_gb: must be positive"),
+        (topology(stage("a", 6010, extra="memory_gb = true\n")), "nodes[1].memory_gb: must be int or float"),
+        (topology(stage("a", 6010), head=HEAD + "speed = 2.0\n"), "nodes[0].speed: only stages are given a share"),
+        (topology(stage("a", 6010), head=HEAD + "memory_gb = 8\n"), "nodes[0].memory_gb: only stages are given a share"),
         # the HTTP gateway
         (topology(stage("a", 6010), rest="[http]\nport = 0\n"), "http.port: port 0 is outside"),
         (topology(stage("a", 6010), rest='[http]\napi_keys = "k"\n'), "http.api_keys: must be list"),

@@ -14,6 +14,7 @@ from flowspec_zmq.head_node import HeadNode
 from flowspec_zmq.liveness import announce_ready
 from flowspec_zmq.memory import return_free_memory
 from flowspec_zmq.kv_budget import KVBudget
+from flowspec_zmq.layer_sizes import model_windows
 from flowspec_zmq.model_slices import load_config, load_head_model
 from flowspec_zmq.protocol import DTYPES
 from flowspec_zmq.transport import RingLink, tcp
@@ -46,7 +47,7 @@ async def serve(topology_path: Path, name: str) -> None:
         name, model_dir, head, tokenizer, link, tcp(node.host, node.client_port),
         tcp(node.host, node.control_port), context, tuple(s.name for s in topology.stages), keys, defaults,
         topology.model.max_context, topology.decoding.prefill_chunk, drafts, topology.service,
-        KVBudget.for_stages(config, topology.layer_windows(config.num_hidden_layers), head.dtype.itemsize,
+        KVBudget.for_stages(config, model_windows(topology, model_dir), head.dtype.itemsize,
                             topology.service.max_kv_mb),
         topology=topology,
     )

@@ -10,7 +10,8 @@ from pathlib import Path
 import uvloop
 
 from flowspec_zmq.liveness import announce_ready, send_heartbeats
-from flowspec_zmq.model_slices import load_config, load_layer_window
+from flowspec_zmq.layer_sizes import model_windows
+from flowspec_zmq.model_slices import load_layer_window
 from flowspec_zmq.protocol import DTYPES
 from flowspec_zmq.stage_node import StageNode
 from flowspec_zmq.trace import tracer_from_env
@@ -23,7 +24,7 @@ log = logging.getLogger("flowspec.stage")
 
 async def serve(topology_path: Path, name: str) -> None:
     topology, node, model_dir = setup(topology_path, name)
-    first, last = topology.layer_windows(load_config(model_dir).num_hidden_layers)[name]
+    first, last = model_windows(topology, model_dir)[name]
     started = time.perf_counter()
     log.info("loading layers [%d, %d) of %s", first, last, model_dir.name)
     window = load_layer_window(model_dir, first, last, DTYPES[topology.model.dtype])
