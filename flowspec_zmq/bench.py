@@ -18,10 +18,15 @@ this machine's cores. `--profile none` runs unpaced at this machine's real speed
     flowspec bench --prompt-lengths 64,256,512 --prompts-per-config 4
     flowspec bench --profile none                    # real, unpaced
     flowspec bench --clients 1,2,4,8                 # concurrent clients sharing the ring (batching)
+    flowspec bench --slow-stages 2 --splits even,balanced   # stage 2 twice as slow: even vs balanced split
 
 With `--clients N` (N > 1) N clients send the same prompts at once, each taking the next prompt when
 its last one is answered: the aggregate tokens/s, time between tokens and time to first token are
 set beside the same configuration's one-at-a-time run (`--clients 1`, also measured).
+
+With `--slow-stages 2` stage 2 emulates a device twice as slow (its profile times doubled). An
+`even` split gives it as many layers as the others (today's auto split, no hints); a `balanced` one
+writes `speed = 0.5` for it into the generated topology, so the auto split gives it fewer layers.
 
 Writes OUT/bench.json, OUT/summary.md, OUT/speedup.png and OUT/timeline_<config>.png.
 """
@@ -38,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 import torch
 import uvloop
@@ -60,6 +65,9 @@ from .strategies import MODES
 from .topology import local_topology_toml, parse_topology
 
 PROMPTS = Path(str(files(__package__) / "prompts.jsonl"))
+Split = Literal["even", "balanced"]
+SPLITS: tuple[str, ...] = get_args(Split)
+SLOWDOWN = 2.0  # a --slow-stages stage takes this many times as long per layer
 TREE_FLAGS = ("segment_size", "tree_depth", "tree_top_k", "tree_total_tokens", "tree_width", "draft_vocab",
               "prefill_chunk")
 
@@ -80,6 +88,8 @@ class Config:
     stages: int
     prompt_length: int | None  # None: the prompts as written
     clients: int = 1  # requests in flight at once
+    slow_stages: tuple[int, ...] = ()  # 1-based stages emulating a device SLOWDOWN times as slow
+    split: Split = "even"  # balanced: the generated topology declares the slow stages' speed
 
 
 @dataclass(frozen=True)
@@ -201,20 +211,37 @@ async def measure(address: str, settings: Settings, clients: int, prompts: list[
     return runs
 
 
-def stage_profiles(edge: EdgeProfile | None, model: str, stages: int, num_layers: int) -> list[DeviceProfile] | None:
+def stage_speeds(config: Config) -> list[float]:
+    """Each stage's emulated speed: 1, or 1 / SLOWDOWN for a slow stage."""
+    return [1 / SLOWDOWN if i + 1 in config.slow_stages else 1.0 for i in range(config.stages)]
+
+
+def speed_hints(config: Config) -> list[float] | None:
+    """What the generated topology declares: the stages' speeds for a balanced split, nothing for an even one."""
+    return stage_speeds(config) if config.split == "balanced" else None
+
+
+def stage_layers(model: str, config: Config, num_layers: int) -> list[int]:
+    """Layers per stage, as the nodes of the configuration's topology will split them."""
+    windows = parse_topology(local_topology_toml(model, config.stages, speeds=speed_hints(config))).layer_windows(num_layers)
+    return [last - first for first, last in (windows[f"stage{i + 1}"] for i in range(config.stages))]
+
+
+def stage_profiles(edge: EdgeProfile | None, config: Config, layers: list[int], num_layers: int) -> list[DeviceProfile] | None:
+    """Each stage paced to its share of the emulated model at its speed."""
     if edge is None:
         return None
-    windows = parse_topology(local_topology_toml(model, stages)).layer_windows(num_layers)
-    return edge.stages([windows[f"stage{i + 1}"] for i in range(stages)], num_layers)
+    return [edge.stage(n, num_layers, speed) for n, speed in zip(layers, stage_speeds(config))]
 
 
 def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num_layers: int, prompts: list[Prompt],
                prompt_ids: list[list[int]], folder: Path, progress: Progress) -> dict[str, Any]:
-    profiles = stage_profiles(edge, settings.model, config.stages, num_layers)
+    layers = stage_layers(settings.model, config, num_layers)
+    profiles = stage_profiles(edge, config, layers, num_layers)
     longest = max(map(len, prompt_ids)) + settings.max_new_tokens + settings.decoding.get("tree_depth", 8) + 16
     text = local_topology_toml(settings.model, config.stages, max_context=max(256, 64 * math.ceil(longest / 64)),
-                               link=settings.link, profile=profiles, draft=settings.draft, temperature=0.0,
-                               service={"max_requests": config.clients}, **settings.decoding)
+                               link=settings.link, profile=profiles, speeds=speed_hints(config), draft=settings.draft,
+                               temperature=0.0, service={"max_requests": config.clients}, **settings.decoding)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "topology.toml").write_text(text)
     task = progress.add_task(f"{config.name}: starting nodes", total=len(settings.modes) * (len(prompts) + 1))
@@ -227,7 +254,7 @@ def run_config(config: Config, settings: Settings, edge: EdgeProfile | None, num
     finally:
         cluster.stop()
     progress.update(task, description=f"{config.name}: done")
-    return analyse(config, settings, runs, profiles, folder) | {"resident_mb": memory}
+    return analyse(config, settings, runs, profiles, folder) | {"resident_mb": memory, "layers": layers}
 
 
 
@@ -244,9 +271,12 @@ def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
 def add_client_ratios(results: list[dict[str, Any]]) -> None:
     """Each mode's aggregate tokens/s and TBT p90 relative to the same configuration served one
     request at a time (its `clients` = 1 run)."""
-    alone = {(r["stages"], r["prompt_length"]): r for r in results if r.get("clients", 1) == 1}
+    def setup(r: dict[str, Any]) -> tuple:
+        return r["stages"], r["prompt_length"], tuple(r.get("slow_stages", ())), r.get("split", "even")
+
+    alone = {setup(r): r for r in results if r.get("clients", 1) == 1}
     for result in results:
-        base = alone.get((result["stages"], result["prompt_length"]))
+        base = alone.get(setup(result))
         for mode, figures in result["modes"].items():
             single = base["modes"].get(mode) if base else None
             figures["vs_one_at_a_time"] = (figures["aggregate_tokens_per_s"] / single["aggregate_tokens_per_s"]
@@ -408,6 +438,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-lengths", type=_ints, default=None, help="prompt lengths in tokens, e.g. 64,256,512")
     parser.add_argument("--clients", type=_ints, default=[1],
                         help="concurrent clients, e.g. 1,2,4,8 (one configuration each; 1 is always measured with more)")
+    parser.add_argument("--slow-stages", type=_ints, default=[],
+                        help=f"1-based stages paced {SLOWDOWN:g}x slower than the profile, e.g. 2")
+    parser.add_argument("--splits", default="even",
+                        help="comma-separated: even (the plain auto split), balanced (the slow stages declare their speed)")
     parser.add_argument("--profile", default=str(DEFAULT_PROFILE), help="edge profile TOML, or 'none' for unpaced stages")
     parser.add_argument("--bandwidth-mbps", type=float, default=None, help="link bandwidth (default: the profile's)")
     parser.add_argument("--delay-ms", type=float, default=None, help="one-way delay per hop (default: the profile's)")
@@ -428,7 +462,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
     if args.max_new_tokens < 2 or args.warmup_tokens < 1:
         parser.error("need --max-new-tokens >= 2 and --warmup-tokens >= 1")
+    args.splits = tuple(s.strip() for s in args.splits.split(","))
+    if unknown := [s for s in args.splits if s not in SPLITS]:
+        parser.error(f"unknown splits {unknown}; choose from {', '.join(SPLITS)}")
+    if args.slow_stages and args.profile == "none":
+        parser.error("--slow-stages needs an edge profile to pace the stages to")
+    if args.slow_stages and max(args.slow_stages) > min(args.stages):
+        parser.error(f"--slow-stages {max(args.slow_stages)} is beyond the {min(args.stages)} stages of --stages")
     return args
+
+
+def configurations(args: argparse.Namespace) -> list[Config]:
+    """One configuration per stage count, split, prompt length and client count, named by what varies."""
+    clients = sorted(set(args.clients) | ({1} if args.clients != [1] else set()))  # one at a time: the baseline
+    slow = f" / {'+'.join(f'stage{s}' for s in args.slow_stages)} {SLOWDOWN:g}x slower" if args.slow_stages else ""
+    return [Config(f"{args.label}{n} stages{slow}" + (f" / {split} split" if args.splits != ("even",) else "")
+                   + (f" / {length} tok" if length else "") + (f" / {c} clients" if clients != [1] else ""),
+                   n, length, c, tuple(args.slow_stages), split)
+            for n in args.stages for split in args.splits for length in (args.prompt_lengths or [None]) for c in clients]
 
 
 def refresh(config: dict[str, Any], folder: Path) -> None:
@@ -507,10 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     natural = [tokenizer(p.text)["input_ids"] for p in prompts]
     lead = tokenizer("")["input_ids"]
     filler = tokenizer("\n\n".join(p.text for p in prompts) + "\n\n", add_special_tokens=False)["input_ids"]
-    clients = sorted(set(args.clients) | ({1} if args.clients != [1] else set()))  # one at a time: the baseline
-    configs = [Config(f"{args.label}{n} stages" + (f" / {length} tok" if length else "")
-                      + (f" / {c} clients" if clients != [1] else ""), n, length, c)
-               for n in args.stages for length in (args.prompt_lengths or [None]) for c in clients]
+    configs = configurations(args)
     title = describe(settings, edge)
     console.print(f"[bold]flowspec bench[/bold]: {len(prompts)} prompts x {len(args.modes)} modes per configuration; {title}")
     started = time.perf_counter()
@@ -529,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
     add_client_ratios(results)
     summary = tables(results, title, console) if results else ""
+    splits = "".join(f"{r['name']}: layers per stage {', '.join(map(str, r['layers']))}\n" for r in results)
+    console.print(splits, end="", markup=False)
     for result in results:
         if memory := result.get("resident_mb"):
             console.print(f"{result['name']}: resident MB " + ", ".join(f"{n} {mb:.0f}" for n, mb in memory.items()))
@@ -555,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "plots": plots,
     }
     (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "summary.md").write_text(f"{title}\n\n{summary}" if results else "")
+    (args.out / "summary.md").write_text(f"{title}\n\n{summary}\n{splits}" if results else "")
     console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'summary.md'}" + "".join(f", {p}" for p in plots)
                   + f" ({report['seconds']:.0f} s)")
     if error:

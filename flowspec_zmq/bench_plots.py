@@ -39,7 +39,7 @@ def speedup_chart(configs: list[dict[str, Any]], modes: list[str], path: Path, t
                         ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     if key == "speedup":
         ax.axhline(1.0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(configs)), [c["name"] for c in configs])
+    ax.set_xticks(range(len(configs)), [c["name"].replace(" / ", "\n") for c in configs])
     ax.set_ylabel("tokens/s relative to ar" if key == "speedup" else "tokens/s")
     ax.set_ylim(0, max(c["modes"][m][key] for c in configs for m in modes) * 1.25)
     ax.set_title(textwrap.fill(title, int(fig_width * 13)), fontsize=7.5)

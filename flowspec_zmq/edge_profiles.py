@@ -13,7 +13,8 @@ machine computes with:
     delay_ms = 3
 
 A stage holding k of the real model's L layers is paced as k/L of the emulated model, so the
-emulated pipeline keeps the real split's balance (or imbalance) across stages.
+emulated pipeline keeps the real split's balance (or imbalance) across stages; a stage emulating a
+slower device (speed 0.5) takes twice as long for the same layers.
 """
 
 from __future__ import annotations
@@ -41,13 +42,11 @@ class EdgeProfile:
     per_token_ms_per_layer: float
     link: LinkProfile | None = None
 
-    def stage(self, layers: int, of: int) -> DeviceProfile:
-        """The pacing of a stage that holds `layers` of the real model's `of` layers."""
-        emulated = self.model_layers * layers / of
+    def stage(self, layers: int, of: int, speed: float = 1.0) -> DeviceProfile:
+        """The pacing of a stage that holds `layers` of the real model's `of` layers, on a device
+        `speed` times as fast as this profile's (0.5: every layer takes twice as long)."""
+        emulated = self.model_layers * layers / of / speed
         return DeviceProfile(emulated * self.fixed_ms_per_layer, emulated * self.per_token_ms_per_layer)
-
-    def stages(self, windows: list[tuple[int, int]], of: int) -> list[DeviceProfile]:
-        return [self.stage(last - first, of) for first, last in windows]
 
 
 def load_edge_profile(path: Path | str) -> EdgeProfile:

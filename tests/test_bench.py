@@ -9,7 +9,8 @@ import json
 import pytest
 
 from flowspec_zmq.emulation import DeviceProfile, LinkProfile
-from flowspec_zmq.bench import PROMPTS, BenchError, Prompt, fit_length, load_prompts, main, pick
+from flowspec_zmq.bench import (PROMPTS, BenchError, Prompt, configurations, fit_length, load_prompts, main,
+                                parse_args, pick, stage_layers, stage_profiles)
 from flowspec_zmq.bench_metrics import RunRecord, mismatches, node_times, pace_overruns, percentile, summarise
 from flowspec_zmq.edge_profiles import DEFAULT_PROFILE, ProfileError, load_edge_profile
 
@@ -92,6 +93,25 @@ def test_edge_profile_scales_with_each_stage_share_of_layers(tmp_path):
         load_edge_profile(bad)
 
 
+def test_a_slow_stage_testbed_paces_each_stage_to_its_layers_and_speed():
+    edge = load_edge_profile(DEFAULT_PROFILE)
+    args = parse_args(["--slow-stages", "2", "--splits", "even,balanced"])
+    even, balanced = configurations(args)
+    assert (even.name, balanced.name) == ("4 stages / stage2 2x slower / even split",
+                                          "4 stages / stage2 2x slower / balanced split")
+    for config, layers in ((even, [5, 5, 4, 4]), (balanced, [6, 2, 5, 5])):
+        assert (config.slow_stages, stage_layers("gemma3-270m", config, 18)) == ((2,), layers)
+        profiles = stage_profiles(edge, config, layers, 18)
+        assert profiles[0] == edge.stage(layers[0], 18)
+        assert profiles[1].fixed_ms == pytest.approx(edge.stage(2 * layers[1], 18).fixed_ms)  # each layer takes twice as long
+        assert profiles[1].per_token_ms == pytest.approx(edge.stage(2 * layers[1], 18).per_token_ms)
+    slowest = [max(p.fixed_ms for p in stage_profiles(edge, c, stage_layers("gemma3-270m", c, 18), 18)) for c in (even, balanced)]
+    assert slowest[1] < 0.7 * slowest[0]  # 6 layer times against 10
+    for bad in (["--slow-stages", "5"], ["--slow-stages", "2", "--profile", "none"], ["--splits", "fair"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
 def test_smoke_run_every_mode_agrees_and_reports_every_field(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"category": "code", "prompt": "def add(a, b):\\n"}\n'
@@ -120,6 +140,7 @@ def test_smoke_run_every_mode_agrees_and_reports_every_field(tmp_path):
             assert figures["ttft_p50_ms"] > 0
         assert config["modes"]["ar"]["speedup"] == 1.0
         assert len(config["stage_profiles"]) == 2 and config["pace_overruns"]["segments"] > 0
+        assert config["layers"] == [15, 15] and config["split"] == "even"
     assert all(m["vs_one_at_a_time"] == 1.0 for m in alone["modes"].values())
     assert all(m["vs_one_at_a_time"] > 0 for m in together["modes"].values())
     # The two clients really overlapped: some request started before another one ended.
