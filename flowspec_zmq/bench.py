@@ -577,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
     add_client_ratios(results)
     summary = tables(results, title, console) if results else ""
-    splits = "".join(f"{r['name']}: layers per stage {', '.join(map(str, r['layers']))}\n" for r in results)
-    console.print(splits, end="", markup=False)
+    layer_lines = "".join(f"{r['name']}: layers per stage {', '.join(map(str, r['layers']))}\n" for r in results)
+    console.print(layer_lines, end="", markup=False)
     for result in results:
         if memory := result.get("resident_mb"):
             console.print(f"{result['name']}: resident MB " + ", ".join(f"{n} {mb:.0f}" for n, mb in memory.items()))
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "plots": plots,
     }
     (args.out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "summary.md").write_text(f"{title}\n\n{summary}\n{splits}" if results else "")
+    (args.out / "summary.md").write_text(f"{title}\n\n{summary}\n{layer_lines}" if results else "")
     console.print(f"wrote {args.out / 'bench.json'}, {args.out / 'summary.md'}" + "".join(f", {p}" for p in plots)
                   + f" ({report['seconds']:.0f} s)")
     if error:
