@@ -72,7 +72,7 @@ async def _stream(client: Client, options: dict[str, Any], show_stats: bool, **p
             elif event["event"] == "done":
                 stats = event["stats"]
     finally:
-        print()  # ends the streamed line, also before an error message
+        print(flush=True)  # ends the streamed line (before the stats on stderr, or an error message)
     if show_stats:
         print(f"[{stats_line(stats)}]", file=sys.stderr, flush=True)
     return text
