@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import DEFAULT_ADDRESS, Client, GenerationFailed
+from .devices import DeviceUnavailable
 from .launch import LocalCluster, NodeDied
 from .models import MODELS, ModelNotPrepared, prepare
 from .security import client_keys, create_keys
@@ -197,7 +198,8 @@ TOOL_COMMANDS = {
 # Errors whose message says everything the user needs: one line, exit 2 for a configuration
 # mistake and 1 otherwise. OSError covers unreadable files and readiness timeouts.
 CONFIG_ERRORS = (TopologyError,)
-EXPECTED_ERRORS = (*CONFIG_ERRORS, ModelNotPrepared, GenerationFailed, NodeDied, OSError, KeyboardInterrupt)
+EXPECTED_ERRORS = (*CONFIG_ERRORS, ModelNotPrepared, GenerationFailed, NodeDied, DeviceUnavailable, OSError,
+                   KeyboardInterrupt)
 
 
 def main(argv: list[str] | None = None) -> int:

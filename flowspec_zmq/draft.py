@@ -126,9 +126,12 @@ class DraftLM:
         is read, so no full float32 copy ever exists), sharing the head's embedding and norm, with
         an int8 lm_head over the `vocab_size` most frequent tokens (0: all)."""
         if kind == "bf16":
-            window = load_layer_window(model_dir, 0, head.num_layers, torch.bfloat16)
-        else:
+            window = load_layer_window(model_dir, 0, head.num_layers, torch.bfloat16, device=head.device)
+        elif head.device.type == "cpu":
             window = load_layer_window(model_dir, 0, head.num_layers, torch.float32, quantize_layer)
+        else:
+            raise ValueError(f"the int8 draft runs on the CPU only (dynamic quantization); on {head.device} use "
+                             "draft = \"bf16\" or a draft model")
         return cls(window, head, *draft_lm_head(head, model_dir, vocab_size))
 
     @classmethod
@@ -137,11 +140,13 @@ class DraftLM:
         use): its own embedding, int8 layers and lm_head over the target's most frequent tokens;
         refused unless it shares the target's tokenizer."""
         check_same_tokenizer(draft_dir, model_dir)
-        draft_head = load_head_model(draft_dir, torch.float32)
+        draft_head = load_head_model(draft_dir, head.dtype, head.device)
         if draft_head.lm_head.weight.shape[0] != head.lm_head.weight.shape[0]:
             raise ValueError(f"the draft {draft_dir} scores {draft_head.lm_head.weight.shape[0]} tokens, the target "
                              f"{head.lm_head.weight.shape[0]}: a draft must share the target's vocabulary")
-        window = load_layer_window(draft_dir, 0, draft_head.num_layers, torch.float32, quantize_layer)
+        quantize = quantize_layer if head.device.type == "cpu" else None  # int8 kernels are CPU-only
+        window = load_layer_window(draft_dir, 0, draft_head.num_layers, torch.float32 if quantize else head.dtype,
+                                   quantize, draft_head.device)
         return cls(window, draft_head, *draft_lm_head(draft_head, model_dir, vocab_size))
 
     def _sync(self, state: DraftState, tokens: Sequence[int]) -> None:
@@ -211,8 +216,8 @@ class DraftState:
 
 
 def draft_lm_head(head: HeadModel, model_dir: Path, vocab_size: int) -> tuple[nn.Module, torch.Tensor | None]:
-    """An int8 lm_head over the target's `vocab_size` most frequent tokens (FR-Spec; 0: all of
-    them), and the token id of each of its rows (None: all, in order)."""
+    """An lm_head over the target's `vocab_size` most frequent tokens (FR-Spec; 0: all of them),
+    int8 on the CPU, and the token id of each of its rows (None: all, in order)."""
     weight = head.lm_head.weight.detach()
     vocab = None
     if 0 < vocab_size < weight.shape[0]:
@@ -221,8 +226,12 @@ def draft_lm_head(head: HeadModel, model_dir: Path, vocab_size: int) -> tuple[nn
             raise FileNotFoundError(
                 f"{model_dir} has no draft vocabulary ranking; run `flowspec prepare` on it, or set draft_vocab = 0"
             )
-        vocab = torch.tensor(ranked[:vocab_size], dtype=torch.long)
+        vocab = torch.tensor(ranked[:vocab_size], dtype=torch.long, device=head.device)
         weight = weight.index_select(0, vocab)
+    if head.device.type != "cpu":
+        lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=head.device)
+        lm_head.weight = nn.Parameter(weight.float(), requires_grad=False)
+        return lm_head, vocab
     lm_head = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
     lm_head[0].weight = nn.Parameter(weight.float(), requires_grad=False)  # no copy when already float32
     return quantize_layer(lm_head)[0], vocab

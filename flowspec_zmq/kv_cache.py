@@ -44,12 +44,14 @@ class TreeKVCache:
         shapes: Sequence[LayerShape],
         dtype: torch.dtype,
         capacity: int = FIRST_CAPACITY,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.first_layer = first_layer
         self.dtype = dtype
+        self.device = torch.device(device)  # the buffers'; the tree bookkeeping stays on the CPU
         self.committed = 0
         self.capacity = capacity
-        self.keys = [torch.zeros(1, s.kv_heads, capacity, s.head_dim, dtype=dtype) for s in shapes]
+        self.keys = [torch.zeros(1, s.kv_heads, capacity, s.head_dim, dtype=dtype, device=self.device) for s in shapes]
         self.values = [torch.zeros_like(k) for k in self.keys]
         # Live tree rows, in buffer order after the committed prefix.
         self.node_ids: list[int] = []
@@ -105,7 +107,7 @@ class TreeKVCache:
         with torch.inference_mode(False):
             for cache in (self.keys, self.values):
                 for i, old in enumerate(cache):
-                    grown = torch.zeros(*old.shape[:2], capacity, old.shape[3], dtype=self.dtype)
+                    grown = torch.zeros(*old.shape[:2], capacity, old.shape[3], dtype=self.dtype, device=self.device)
                     grown[:, :, : self.length] = old[:, :, : self.length]
                     cache[i] = grown
         self.capacity = capacity
@@ -187,7 +189,7 @@ class TreeKVCache:
         kept = [n for n in survivors if n in self.row_of]  # survivors may still be upstream
         order = [self.row_of[n] for n in accepted] + [self.row_of[n] for n in kept]
         if order != list(range(len(order))):  # nothing moves when the rows are already in place
-            index = torch.tensor(order, dtype=torch.long) + self.committed
+            index = torch.tensor(order, dtype=torch.long, device=self.device) + self.committed
             for cache in (self.keys, self.values):
                 for buffer in cache:
                     moved = buffer.index_select(2, index)

@@ -92,7 +92,9 @@ class LayerWindow(nn.Module):
         self.sliding_window: int | None = getattr(config, "sliding_window", None)
         # Gemma-3 keeps one rotary table per attention type; Llama/Qwen have a single one.
         self.rotary_per_type = "layer_type" in inspect.signature(rotary.forward).parameters
-        self.dtype = next(self.layers.parameters()).dtype if len(self.layers) else torch.float32
+        first_weight = next(self.layers.parameters(), None)
+        self.dtype = first_weight.dtype if first_weight is not None else torch.float32
+        self.device = first_weight.device if first_weight is not None else torch.device("cpu")
 
     @property
     def last(self) -> int:
@@ -101,7 +103,7 @@ class LayerWindow(nn.Module):
     def new_cache(self) -> TreeKVCache:
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
         shape = LayerShape(self.config.num_key_value_heads, head_dim)
-        return TreeKVCache(self.first, [shape] * len(self.layers), self.dtype)
+        return TreeKVCache(self.first, [shape] * len(self.layers), self.dtype, device=self.device)
 
     def plan(self, part: WindowPart) -> PartPlan:
         """Check one request's rows against its cache and build its attention masks; a part that
@@ -147,17 +149,19 @@ class LayerWindow(nn.Module):
         rows), attention runs per request over its own cache (PackedCaches)."""
         for plan in plans:
             plan.part.cache.reserve(len(plan.part.node_ids))
-        x = hidden.to(self.dtype)[None]
-        position_ids = torch.cat([p.positions for p in plans])[None]
+        # Rows arrive in host memory (from the wire); masks are built there with the tree bookkeeping.
+        x = hidden.to(self.device, self.dtype)[None]
+        position_ids = torch.cat([p.positions for p in plans]).to(self.device)[None]
+        masks = [{t: m.to(self.device)[None, None] for t, m in p.masks.items()} for p in plans]
         if self.rotary_per_type:
             rotations = {t: self.rotary(x, position_ids, t) for t in set(self.layer_types)}
         else:
             shared = self.rotary(x, position_ids)
             rotations = {t: shared for t in set(self.layer_types)}
-        packed = PackedCaches(plans, self.first, self.layer_types) if len(plans) > 1 else None
+        packed = PackedCaches(plans, masks, self.first, self.layer_types) if len(plans) > 1 else None
         for layer, layer_type in zip(self.layers, self.layer_types):
             if packed is None:
-                x = layer(x, attention_mask=plans[0].masks[layer_type][None, None], position_embeddings=rotations[layer_type],
+                x = layer(x, attention_mask=masks[0][layer_type], position_embeddings=rotations[layer_type],
                           position_ids=position_ids, past_key_values=plans[0].part.cache)
             else:
                 x = layer(x, attention_mask=None, position_embeddings=rotations[layer_type], position_ids=position_ids,
@@ -177,8 +181,10 @@ class PackedCaches:
     once per request, its rows against its own cache and mask only (`packed_attention`), so
     requests never see each other and no cache is copied or attended to in vain."""
 
-    def __init__(self, plans: Sequence[PartPlan], first_layer: int, layer_types: Sequence[str]) -> None:
+    def __init__(self, plans: Sequence[PartPlan], masks: Sequence[dict[str, torch.Tensor]], first_layer: int,
+                 layer_types: Sequence[str]) -> None:
         self.plans = plans
+        self.masks = masks  # per request: attention type -> [1, 1, rows, keys] on the window's device
         self.first_layer = first_layer
         self.layer_types = layer_types
         self.current: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's keys and values, per request
@@ -195,10 +201,10 @@ class PackedCaches:
     def attend(self, module: nn.Module, query: torch.Tensor, scaling: float | None) -> tuple[torch.Tensor, None]:
         layer_type = self.layer_types[module.layer_idx - self.first_layer]
         outputs, start = [], 0
-        for plan, (keys, values) in zip(self.plans, self.current):
+        for plan, masks, (keys, values) in zip(self.plans, self.masks, self.current):
             rows = len(plan.part.node_ids)
             output, _ = sdpa_attention_forward(module, query[:, :, start : start + rows], keys, values,
-                                               plan.masks[layer_type][None, None], scaling=scaling)
+                                               masks[layer_type], scaling=scaling)
             outputs.append(output)
             start += rows
         return torch.cat(outputs, dim=1), None
@@ -223,10 +229,11 @@ def _skeleton(config: PretrainedConfig) -> nn.Module:
 
 
 def load_layer_window(
-    model_dir: Path, first: int, last: int, dtype: torch.dtype, transform: Callable[[nn.Module], nn.Module] | None = None
+    model_dir: Path, first: int, last: int, dtype: torch.dtype, transform: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | str = "cpu",
 ) -> LayerWindow:
-    """Materialise decoder layers [first, last) from the safetensors files, nothing else; each layer
-    passes through `transform` (e.g. quantization) as soon as it is read."""
+    """Materialise decoder layers [first, last) from the safetensors files on `device`, nothing
+    else; each layer passes through `transform` (e.g. quantization) as soon as it is read."""
     config = load_config(model_dir)
     config._attn_implementation = PACKED_ATTENTION  # plain SDPA unless a forward carries several requests
     if not 0 <= first < last <= config.num_hidden_layers:
@@ -237,8 +244,9 @@ def load_layer_window(
         layer = skeleton.model.layers[i]
         weights = read_tensors(model_dir, f"model.layers.{i}.", dtype)
         layer.load_state_dict(weights, strict=True, assign=True)
-        layers.append(transform(layer.eval()) if transform else layer.eval())
-    rotary = type(skeleton.model.rotary_emb)(config=config)  # built on the CPU: its tables are buffers
+        layer = layer.eval().to(device)
+        layers.append(transform(layer) if transform else layer)
+    rotary = type(skeleton.model.rotary_emb)(config=config).to(device)  # its tables are buffers
     window = LayerWindow(config, layers, first, rotary)
     leftovers = [name for name, t in window.named_buffers() if t.is_meta]
     if leftovers:
@@ -264,21 +272,26 @@ class HeadModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
     @torch.inference_mode()
     def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
-        return self.embed_tokens(torch.tensor([list(token_ids)], dtype=torch.long))[0]
+        """Token ids -> embedding rows [n, d] on the head's device."""
+        return self.embed_tokens(torch.tensor([list(token_ids)], dtype=torch.long, device=self.device))[0]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [n, d] -> float32 logits [n, vocab]."""
-        normed = self.norm(hidden.to(self.dtype))
+        """Final hidden states [n, d] (from anywhere) -> float32 logits [n, vocab] on the head's device."""
+        normed = self.norm(hidden.to(self.device, self.dtype))
         weight = self.lm_head.weight
         if self.lm_head.bias is not None or normed.shape[0] == 1:
             logits = self.lm_head(normed).float()
         else:
             # For a few rows a CPU GEMM over a 100k+ vocabulary re-reads the matrix; blocks that stay
             # in cache read it once (1.6-1.8x faster here for 4-48 rows). Same dot products, exact.
-            logits = torch.empty(normed.shape[0], weight.shape[0], dtype=normed.dtype)
+            logits = torch.empty(normed.shape[0], weight.shape[0], dtype=normed.dtype, device=self.device)
             for start in range(0, weight.shape[0], LOGIT_BLOCK):
                 torch.mm(normed, weight[start : start + LOGIT_BLOCK].t(), out=logits[:, start : start + LOGIT_BLOCK])
             logits = logits.float()
@@ -287,7 +300,7 @@ class HeadModel(nn.Module):
         return logits
 
 
-def load_head_model(model_dir: Path, dtype: torch.dtype) -> HeadModel:
+def load_head_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> HeadModel:
     # Zero decoder layers: transformers loads embedding, norm and (tied) lm_head and skips the rest.
     config = load_config(model_dir)
     num_layers = config.num_hidden_layers
@@ -295,7 +308,7 @@ def load_head_model(model_dir: Path, dtype: torch.dtype) -> HeadModel:
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = []
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
-    return HeadModel(model.eval(), num_layers)
+    return HeadModel(model.eval().to(device), num_layers)
 
 
 def load_full_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:

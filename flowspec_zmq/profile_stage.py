@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .draft import DraftLM, DraftStep, Frontier, TreeShape
+from .devices import available_device, synchronize
 from .model_slices import WindowPart, load_config, load_head_model, load_layer_window
 from .models import resolve_model_dir
 from .topology import DecodingConfig
@@ -61,20 +62,23 @@ def fit_line(rows: list[int], times_ms: list[float]) -> Fit:
     return Fit(max(mean_y - slope * mean_x, 0.0), slope)
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2, device: torch.device = torch.device("cpu")) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)  # an accelerator returns before its kernels finish
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
 
-def profile_window(model_dir: Path, first: int, last: int, context: int, repeats: int) -> dict[int, float]:
+def profile_window(model_dir: Path, first: int, last: int, context: int, repeats: int,
+                   device: torch.device = torch.device("cpu")) -> dict[int, float]:
     """Median ms of one forward of `rows` tree rows (a chain, like a draft path) after `context` tokens."""
-    window = load_layer_window(model_dir, first, last, torch.float32)
+    window = load_layer_window(model_dir, first, last, torch.float32, device=device)
     hidden = window.config.hidden_size
     cache = window.new_cache()
     positions = list(range(context))
@@ -90,7 +94,7 @@ def profile_window(model_dir: Path, first: int, last: int, context: int, repeats
             window(x, cache, False, ids, parents, row_positions)
             cache.truncate(context)
 
-        result[rows] = median_ms(forward, repeats)
+        result[rows] = median_ms(forward, repeats, device=device)
     return result
 
 
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0, help="first layer of the window")
     parser.add_argument("--context", type=int, default=64, help="prefilled tokens before the timed rows")
     parser.add_argument("--repeats", type=int, default=15, help="timed forwards per row count")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps: the device a stage there computes on")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: this machine's cores / --share, as for a local ring)")
     parser.add_argument("--share", type=int, default=1, help="processes sharing the cores, as in a local ring of N nodes")
@@ -182,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     layers = args.layers or num_layers - args.first
     if not 0 <= args.first < args.first + layers <= num_layers:
         parser.error(f"layers [{args.first}, {args.first + layers}) are outside the model's {num_layers} layers")
-    console.print(f"timing layers [{args.first}, {args.first + layers}) of {model_dir.name} "
+    console.print(f"timing layers [{args.first}, {args.first + layers}) of {model_dir.name} on {args.device} "
                   f"with {torch.get_num_threads()} threads after {args.context} tokens ...")
-    times = profile_window(model_dir, args.first, args.first + layers, args.context, args.repeats)
+    times = profile_window(model_dir, args.first, args.first + layers, args.context, args.repeats,
+                           available_device("profile", args.device))
     fit = fit_line(list(times), list(times.values()))
     per_layer = fit.per_layer(layers)
     table = Table(title=f"{model_dir.name}: {layers} layers, forward over a tree segment")

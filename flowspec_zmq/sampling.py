@@ -48,7 +48,9 @@ def pick_tokens(logits: torch.Tensor, next_positions: Sequence[int], params: Sam
     """One token per row; `next_positions[i]` is the position the row's token will occupy."""
     if params.greedy:
         return logits.argmax(dim=-1).tolist()
-    probs = filtered_probs(logits, params)
+    # Draws happen on the CPU (its generators, seeded per position), whatever device computed the
+    # logits: the same seed draws the same tokens on every head.
+    probs = filtered_probs(logits.cpu(), params)
     picks = []
     for row, position in zip(probs, next_positions):
         generator = torch.Generator().manual_seed(params.seed * 1_000_003 + position)

@@ -362,7 +362,7 @@ class Scheduler:
     # -- feeding the ring --------------------------------------------------------------------------
     def _segment(self, flight: Flight, seq: int, commit: bool, tokens: list[int], node_ids: list[int],
                  parents: list[int], positions: list[int]) -> Segment:
-        hidden = self.head.embed(tokens)
+        hidden = self.head.embed(tokens).cpu()  # the wire carries host memory
         stats = flight.stats
         stats.segments_sent += 1
         stats.rows_sent += len(tokens)

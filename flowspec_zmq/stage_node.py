@@ -160,7 +160,7 @@ class StageNode:
         if not plans:
             return failures
         hidden = torch.cat([part.hidden for part in planned]) if len(planned) > 1 else planned[0].hidden
-        out = self.window.run(hidden, plans)
+        out = self.window.run(hidden, plans).cpu()  # the wire carries host memory
         results, start = [], 0
         for segment in planned:
             rows = len(segment.node_ids)

@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Sequence, get_args
 
+from .devices import is_device_name
 from .emulation import DeviceProfile, LinkProfile
 from .strategies import MODES, Mode
 
@@ -118,6 +119,8 @@ class NodeConfig:
     profile: DeviceProfile | None = None  # emulate this device's speed (stages only)
     speed: float = 1.0  # relative speed of an auto stage (2.0: twice as fast); its share of layers follows it
     memory_gb: float | None = None  # memory a stage may use for its weights and KV caches; None: no limit
+    device: str = "cpu"  # where the node computes: cpu, cuda, cuda:N or mps
+    dtype: Dtype | None = None  # this node's weights and caches; None: [model] dtype
 
 
 @dataclass(frozen=True)
@@ -175,9 +178,8 @@ class Topology:
                               f"{len(free)} unclaimed layers")
         if layer_params is None and (limited := next((n for n in stages if n.memory_gb is not None), None)):
             raise ValueError(f"{limited.name}'s memory_gb needs the model's layer size: pass layer_params")
-        layer_bytes = (layer_params or 0) * ITEMSIZE[self.model.dtype]
         windows = {name: layers for layers, name in claimed}
-        shares = balanced_shares(len(free), [n.speed for n in auto], [self._layer_room(n, layer_bytes) for n in auto])
+        shares = balanced_shares(len(free), [n.speed for n in auto], [self._layer_room(n, layer_params or 0) for n in auto])
         cursor = 0
         for node, size in zip(auto, shares):
             chunk = free[cursor : cursor + size]
@@ -195,21 +197,25 @@ class Topology:
             self._fail_layers(None, f"stages must hold consecutive layers in ring (file) order, got {named}")
         for node in stages:
             first, last = windows[node.name]
-            if last - first > self._layer_room(node, layer_bytes):
+            if last - first > self._layer_room(node, layer_params or 0):
                 self._fail_layers(node.name, f"{node.memory_gb:g} GB cannot hold its layers [{first}, {last}): "
-                                  f"{self._memory_need(last - first, layer_bytes)}", key="memory_gb")
+                                  f"{self._memory_need(node, last - first, layer_params or 0)}", key="memory_gb")
         return windows
 
-    def _layer_room(self, node: NodeConfig, layer_bytes: int) -> float:
+    def dtype_of(self, node: NodeConfig) -> Dtype:
+        return node.dtype or self.model.dtype
+
+    def _layer_room(self, node: NodeConfig, layer_params: int) -> float:
         """How many layers fit in the node's memory_gb beside its KV caches (inf: no limit)."""
         if node.memory_gb is None:
             return float("inf")
-        return (node.memory_gb * GB - self.service.max_kv_mb * MB) // layer_bytes
+        return (node.memory_gb * GB - self.service.max_kv_mb * MB) // (layer_params * ITEMSIZE[self.dtype_of(node)])
 
-    def _memory_need(self, layers: int, layer_bytes: int) -> str:
+    def _memory_need(self, node: NodeConfig, layers: int, layer_params: int) -> str:
         kv = self.service.max_kv_mb * MB
-        return (f"{layers} x {layer_bytes / MB:.0f} MB of {self.model.dtype} weights + {self.service.max_kv_mb} MB of "
-                f"KV caches ([service] max_kv_mb) = {(layers * layer_bytes + kv) / GB:.2f} GB")
+        layer_bytes = layer_params * ITEMSIZE[self.dtype_of(node)]
+        return (f"{layers} x {layer_bytes / MB:.0f} MB of {self.dtype_of(node)} weights + {self.service.max_kv_mb} MB "
+                f"of KV caches ([service] max_kv_mb) = {(layers * layer_bytes + kv) / GB:.2f} GB")
 
     def _fail_layers(self, node_name: str | None, problem: str, key: str = "layers") -> NoReturn:
         """Raise a TopologyError at `nodes[i].KEY` of the named node, or at `nodes` as a whole."""
@@ -393,7 +399,16 @@ def _node(path: str, index: int, table: Any) -> NodeConfig:
         profile=_profile(path, f"nodes[{index}].profile", r.table["profile"]) if "profile" in r.table else None,
         speed=float(r.positive("speed", 1.0, float, limit=MAX_HINT)),
         memory_gb=float(r.positive("memory_gb", ..., float, limit=MAX_HINT)) if "memory_gb" in r.table else None,
+        device=_device(r),
+        dtype=r.get("dtype", str, None, DTYPES),
     )
+
+
+def _device(reader: _Reader) -> str:
+    value = reader.get("device", str, "cpu")
+    if not is_device_name(value):
+        reader.fail("device", f"must be cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
 
 
 def _check_nodes(path: str, nodes: list[NodeConfig]) -> None:

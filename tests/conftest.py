@@ -97,8 +97,12 @@ def ring2(tmp_path_factory) -> Iterator[LocalCluster]:
     processes is the slow part of a test)."""
     folder = tmp_path_factory.mktemp("ring2")
     path = folder / "topology.toml"
-    path.write_text(local_topology_toml(TEST_MODEL, 2))
+    # Every node names its device explicitly (`device = "cpu"`): the device plumbing runs end to end.
+    text = local_topology_toml(TEST_MODEL, 2)
+    path.write_text(text.replace('role = "head"\n', 'role = "head"\ndevice = "cpu"\n')
+                    .replace('role = "stage"\n', 'role = "stage"\ndevice = "cpu"\n'))
     with LocalCluster(path, log_dir=folder / "logs") as cluster:
+        assert {node.device for node in cluster.topology.nodes} == {"cpu"}
         yield cluster
 
 

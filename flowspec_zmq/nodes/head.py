@@ -9,6 +9,7 @@ from pathlib import Path
 import uvloop
 from transformers import AutoTokenizer
 
+from flowspec_zmq.devices import available_device
 from flowspec_zmq.draft import make_draft_source
 from flowspec_zmq.head_node import HeadNode
 from flowspec_zmq.liveness import announce_ready
@@ -29,7 +30,7 @@ async def serve(topology_path: Path, name: str) -> None:
     started = time.perf_counter()
     log.info("loading tokenizer and head weights of %s", model_dir.name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    head = load_head_model(model_dir, DTYPES[topology.model.dtype])
+    head = load_head_model(model_dir, DTYPES[topology.dtype_of(node)], available_device(name, node.device))
     config = load_config(model_dir)
     defaults = topology.decoding
     # Load the default draft before any socket exists: the event loop must never stall while

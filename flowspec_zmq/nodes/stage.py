@@ -9,6 +9,7 @@ from pathlib import Path
 
 import uvloop
 
+from flowspec_zmq.devices import available_device
 from flowspec_zmq.liveness import announce_ready, send_heartbeats
 from flowspec_zmq.layer_sizes import model_windows
 from flowspec_zmq.model_slices import load_layer_window
@@ -25,9 +26,10 @@ log = logging.getLogger("flowspec.stage")
 async def serve(topology_path: Path, name: str) -> None:
     topology, node, model_dir = setup(topology_path, name)
     first, last = model_windows(topology, model_dir)[name]
+    device = available_device(name, node.device)
     started = time.perf_counter()
-    log.info("loading layers [%d, %d) of %s", first, last, model_dir.name)
-    window = load_layer_window(model_dir, first, last, DTYPES[topology.model.dtype])
+    log.info("loading layers [%d, %d) of %s onto %s", first, last, model_dir.name, device)
+    window = load_layer_window(model_dir, first, last, DTYPES[topology.dtype_of(node)], device=device)
     log.info("loaded %d layers in %.1f s", last - first, time.perf_counter() - started)
     context, plain = contexts()
     keys = secure(plain, topology, name)
