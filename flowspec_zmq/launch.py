@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import zmq
 
+from .devices import available_device
 from .liveness import READY_ENV
 from .models import cache_root, resolve_model_dir
 from .protocol import NodeReady, ProtocolError, decode_control
@@ -161,11 +162,15 @@ class LocalCluster:
         self.nodes[name] = NodeProcess(name, self._spawn(name, env, log_path, "w"), log_path, env)
 
     def _prepare(self) -> None:
-        """Before the first node: fail in one line if no node could load the model, not in every log."""
+        """Before the first node: fail in one line if no node could load the model, or if one of
+        this machine's nodes names a device it lacks, not in every log (and not restart after restart)."""
         try:
             resolve_model_dir(self.topology.model.source)
         except ValueError as exc:
             raise TopologyError(f"{self.topology.path}: model.source: {exc}") from None
+        for node in self.topology.nodes:
+            if node.name in self.names:
+                available_device(node.name, node.device)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._inbox = ReadyInbox()
 

@@ -9,6 +9,7 @@ profile that flowspec_zmq/profiles/*.toml hold, so a profile can be calibrated o
     flowspec profile gemma3-270m --layers 5              # what one of 4 Gemma stages costs here
     flowspec profile gemma3-270m --layers 5 --head       # plus the head: logits and one int8 draft
     flowspec profile gemma3-270m --layers 5 --batching 1,2,4,8   # several requests in one forward
+    flowspec profile gemma3-270m --layers 5 --device cuda:0      # on that device (clocks read after a sync)
 
 `--head` also times the head's share of a step (lm_head over n rows, one draft tree), which is not
 paced by the emulation and runs at this machine's speed. `--batching` compares, for R requests of
@@ -35,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .draft import DraftLM, DraftStep, Frontier, TreeShape
-from .devices import available_device, synchronize
+from .devices import available_device, is_device_name, synchronize
 from .model_slices import WindowPart, load_config, load_head_model, load_layer_window
 from .models import resolve_model_dir
 from .topology import DecodingConfig
@@ -98,13 +99,17 @@ def profile_window(model_dir: Path, first: int, last: int, context: int, repeats
     return result
 
 
-def profile_head(model_dir: Path, context: int, repeats: int, shape: TreeShape, vocab: int) -> dict[str, float]:
-    """The head's unpaced work: lm_head over n rows, and one int8 draft step (expanding `width`
-    frontier nodes) with a draft vocabulary of `vocab` tokens (0: all)."""
-    head = load_head_model(model_dir, torch.float32)
+def profile_head(model_dir: Path, context: int, repeats: int, shape: TreeShape, vocab: int,
+                 device: torch.device = torch.device("cpu")) -> dict[str, float | int | str]:
+    """The head's unpaced work: lm_head over n rows, and one draft step (expanding `width` frontier
+    nodes) with a draft vocabulary of `vocab` tokens (0: all); int8 on the CPU, bf16 elsewhere."""
+    head = load_head_model(model_dir, torch.float32, device)
     hidden = torch.randn(max(ROWS), head.embed_tokens.weight.shape[1])
-    out = {f"logits_{rows}_ms": median_ms(lambda: head.logits(hidden[:rows]), repeats) for rows in (1, 16)}
-    draft = DraftLM.load(model_dir, "int8", head, vocab)
+    out: dict[str, float | int | str] = {
+        f"logits_{rows}_ms": median_ms(lambda: head.logits(hidden[:rows]), repeats, device=device) for rows in (1, 16)
+    }
+    kind = "int8" if device.type == "cpu" else "bf16"  # dynamic quantization has CPU kernels only
+    draft = DraftLM.load(model_dir, kind, head, vocab)
     tokens = list(range(1000, 1000 + context))
     draft.begin(0, tokens[:-1])  # the committed context is cached once, as during a request
     frontier = [Frontier(i, ROOT_PARENT, context - 1, (tokens[-1],)) for i in range(shape.width)]
@@ -113,15 +118,15 @@ def profile_head(model_dir: Path, context: int, repeats: int, shape: TreeShape, 
         draft.expand([DraftStep(0, frontier, shape.top_k)])
         draft.states[0].cache.prune((), ())
 
-    out["draft_step_ms"] = median_ms(step, repeats)
-    out.update({"draft_width": shape.width, "draft_top_k": shape.top_k, "draft_vocab": vocab})
+    out["draft_step_ms"] = median_ms(step, repeats, device=device)
+    out.update({"draft": kind, "draft_width": shape.width, "draft_top_k": shape.top_k, "draft_vocab": vocab})
     return out
 
 
 def profile_batching(model_dir: Path, first: int, last: int, context: int, requests: list[int], rows: int,
-                     repeats: int) -> list[dict[str, float]]:
+                     repeats: int, device: torch.device = torch.device("cpu")) -> list[dict[str, float]]:
     """Median ms per way of running `rows` tree rows of each of R requests (see the module's doc)."""
-    window = load_layer_window(model_dir, first, last, torch.float32)
+    window = load_layer_window(model_dir, first, last, torch.float32, device=device)
     hidden_size = window.config.hidden_size
     positions = list(range(context))
 
@@ -154,8 +159,9 @@ def profile_batching(model_dir: Path, first: int, last: int, context: int, reque
             window.run(x, [window.plan(part(one_cache, r * rows))])
             one_cache.truncate(context)
 
-        out.append({"requests": r, "separate_ms": median_ms(separate, repeats), "packed_ms": median_ms(packed, repeats),
-                    "one_request_ms": median_ms(single, repeats)})
+        out.append({"requests": r, "separate_ms": median_ms(separate, repeats, device=device),
+                    "packed_ms": median_ms(packed, repeats, device=device),
+                    "one_request_ms": median_ms(single, repeats, device=device)})
     return out
 
 
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: this machine's cores / --share, as for a local ring)")
     parser.add_argument("--share", type=int, default=1, help="processes sharing the cores, as in a local ring of N nodes")
-    parser.add_argument("--head", action="store_true", help="also time the head's logits and one int8 draft step")
+    parser.add_argument("--head", action="store_true",
+                        help="also time the head's logits and one draft step (int8 on the CPU, bf16 on an accelerator)")
     parser.add_argument("--draft-step", default="4,4", help="frontier width,top_k of the draft step for --head")
     parser.add_argument("--draft-vocab", type=int, default=32768, help="draft vocabulary for --head (0: all)")
     parser.add_argument("--batching", type=lambda v: [int(x) for x in v.split(",")], default=None,
@@ -178,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-rows", type=int, default=12, help="tree rows per request for --batching")
     parser.add_argument("--out", type=Path, default=None, help="write the measurements as JSON")
     args = parser.parse_args(argv)
+    if not is_device_name(args.device):
+        parser.error(f"--device must be cpu, cuda, cuda:N or mps, got {args.device!r}")
+    device = available_device("profile", args.device)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.share))
     console = Console()
     if not console.is_terminal:
@@ -189,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"layers [{args.first}, {args.first + layers}) are outside the model's {num_layers} layers")
     console.print(f"timing layers [{args.first}, {args.first + layers}) of {model_dir.name} on {args.device} "
                   f"with {torch.get_num_threads()} threads after {args.context} tokens ...")
-    times = profile_window(model_dir, args.first, args.first + layers, args.context, args.repeats,
-                           available_device("profile", args.device))
+    times = profile_window(model_dir, args.first, args.first + layers, args.context, args.repeats, device)
     fit = fit_line(list(times), list(times.values()))
     per_layer = fit.per_layer(layers)
     table = Table(title=f"{model_dir.name}: {layers} layers, forward over a tree segment")
@@ -212,12 +221,13 @@ def main(argv: list[str] | None = None) -> int:
               "window": asdict(fit), "per_layer": asdict(per_layer), "speed_layers_per_s": speed}
     if args.head:
         width, top_k = (int(v) for v in args.draft_step.split(","))
-        head = profile_head(model_dir, args.context, args.repeats, TreeShape(top_k=top_k, width=width), args.draft_vocab)
+        head = profile_head(model_dir, args.context, args.repeats, TreeShape(top_k=top_k, width=width), args.draft_vocab,
+                            device)
         console.print("head: " + ", ".join(f"{k} = {v:.1f}" if isinstance(v, float) else f"{k} = {v}" for k, v in head.items()))
         report["head"] = head
     if args.batching:
         batching = profile_batching(model_dir, args.first, args.first + layers, args.context, args.batching,
-                                    args.batch_rows, args.repeats)
+                                    args.batch_rows, args.repeats, device)
         table = Table(title=f"{args.batch_rows} rows per request, {args.context} tokens of context each")
         for column in ("requests", "separate forwards ms", "one packed forward ms", "same rows, one request ms"):
             table.add_column(column, justify="right")

@@ -10,11 +10,13 @@ import torch
 
 from flowspec_zmq.devices import DeviceUnavailable, available_device, is_device_name
 from flowspec_zmq.draft import NgramDraft, TreeShape
+from flowspec_zmq.launch import LocalCluster
 from flowspec_zmq.model_slices import load_head_model, load_layer_window
+from flowspec_zmq.profile_stage import main as profile_main
 from flowspec_zmq.protocol import Segment
-from flowspec_zmq.topology import TopologyError, parse_topology
+from flowspec_zmq.topology import TopologyError, local_topology_toml, parse_topology
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, TEST_MODEL
 from .inprocess import in_process_ring
 
 TOPOLOGY = """
@@ -66,3 +68,22 @@ async def test_an_explicit_device_keeps_the_output_and_returns_host_memory(model
         (out,) = ring.stages[0].handle(Segment(99, 1, True, (0, 1), (-1, -1), (0, 1), head.embed(ids[:2]).cpu()))
     assert stats.tokens == reference(PROMPTS["code"], 20)[:12]
     assert out.hidden.device.type == "cpu" and windows[0].new_cache().keys[0].device == device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA devices")
+def test_a_launch_stops_before_any_node_when_this_host_lacks_a_device(tmp_path):
+    path = tmp_path / "topology.toml"
+    path.write_text(local_topology_toml(TEST_MODEL, 2).replace('name = "stage2"\n', 'name = "stage2"\ndevice = "cuda:1"\n'))
+    cluster = LocalCluster(path, log_dir=tmp_path / "logs")
+    with pytest.raises(DeviceUnavailable, match=r"^stage2: device cuda:1 is not available here \(torch sees 0 CUDA"):
+        cluster.start()
+    assert not cluster.nodes and not (tmp_path / "logs").exists()  # refused once, not restarted node by node
+
+
+def test_profile_checks_its_device_before_loading_anything(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        profile_main([TEST_MODEL, "--device", "gpu0"])
+    assert exit_.value.code == 2 and "--device must be cpu, cuda, cuda:N or mps, got 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailable, match=r"^profile: device cuda is not available here"):
+            profile_main([TEST_MODEL, "--device", "cuda"])
